@@ -1,0 +1,92 @@
+"""How a backbone is wrapped: which layers get masks, how masks are thresholded and initialised.
+
+One `PiggybackConfig` holds for every task of a model, because all tasks must mask the same
+layers for their files to be interchangeable. It is saved as JSON next to the task files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MaskKind = Literal["binary", "ternary"]
+ScoreInit = Literal["ones", "uniform"]
+
+#: Layer families that can be masked: "linear" (nn.Linear and subclasses), "conv" (nn.Conv1d/2d/3d,
+#: grouped and depthwise included, and subclasses such as timm's Conv2dSame), "attention"
+#: (nn.MultiheadAttention's packed input projection, which is not an nn.Linear) and "embedding".
+LAYER_TYPES = ("linear", "conv", "attention", "embedding")
+
+
+@dataclass
+class PiggybackConfig:
+    """Settings shared by all tasks of a model; defaults are the paper's.
+
+    Attributes:
+        mask_kind: "binary" masks in {0, 1}, or "ternary" masks in {-1, 0, 1}.
+        threshold: a score above it switches its weight on (paper: 5e-3).
+        init: "ones" fills every score with `init_value`, so training starts from the exact
+            pretrained network; "uniform" draws scores from U(-init_value, init_value) as the
+            paper's code does.
+        init_value: the initial score (paper: 1e-2).
+        layer_types: which layer families are masked (see LAYER_TYPES).
+        include: glob patterns on module names; when given, only matching modules are masked.
+        exclude: glob patterns on module names that are never masked.
+        mask_bias: also mask biases (the paper masks weights only).
+        task_norms: give each task its own normalization parameters and running statistics,
+            trained with the task; False keeps the backbone's normalization frozen in eval mode.
+        head: dotted name of the classifier module; None finds it automatically.
+    """
+
+    mask_kind: MaskKind = "binary"
+    threshold: float = 5e-3
+    init: ScoreInit = "ones"
+    init_value: float = 1e-2
+    layer_types: tuple[str, ...] = ("linear", "conv", "attention")
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    mask_bias: bool = False
+    task_norms: bool = False
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        self.layer_types = tuple(self.layer_types)
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that would silently give a broken or untrainable model."""
+        if self.mask_kind not in ("binary", "ternary"):
+            raise ValueError(f"mask_kind must be 'binary' or 'ternary', got {self.mask_kind!r}")
+        if self.init not in ("ones", "uniform"):
+            raise ValueError(f"init must be 'ones' or 'uniform', got {self.init!r}")
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if self.init == "ones" and self.init_value <= self.threshold:
+            raise ValueError(
+                f"init_value ({self.init_value}) must exceed threshold ({self.threshold}): "
+                "otherwise every weight starts switched off instead of at the pretrained network"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown or not self.layer_types:
+            raise ValueError(
+                f"layer_types must be a non-empty subset of {LAYER_TYPES}, got {unknown}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        for key in ("layer_types", "include", "exclude"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PiggybackConfig:
+        """Inverse of `to_dict`; unknown keys are an error so typos do not pass silently."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown PiggybackConfig keys {unknown}; known keys: {sorted(names)}")
+        return cls(**data)
