@@ -1,0 +1,390 @@
+"""The multi-task model: one frozen backbone, one mask (plus head, optional norms) per task.
+
+`PiggybackModel(backbone, config)` wraps a model in place, like PEFT's `get_peft_model`. The
+backbone's modules are left as they are; only its classifier head is replaced by `TaskHeads`.
+For each forward pass the active task's tensors are put into the backbone's slots (see `swap`):
+W * mask for every masked weight, and the task's own norm tensors when it has them. In eval mode
+those tensors are computed once per task switch and cached, so inference costs the same as the
+plain backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from piggyback.config import PiggybackConfig
+from piggyback.errors import TaskError, UnsupportedModelError
+from piggyback.fingerprint import fingerprint
+from piggyback.heads import TaskHeads, new_head
+from piggyback.swap import Slot, swapped
+from piggyback.targets import (
+    MaskTarget,
+    check_unmasked,
+    find_head,
+    find_mask_targets,
+    find_norm_tensors,
+    is_norm,
+)
+from piggyback.tasks import Method, TaskState, check_task_name
+
+
+def _in_subtree(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+def _version(tensor: Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter and cannot change
+        return -1
+
+
+class PiggybackModel(nn.Module):
+    """A frozen backbone adapted to several tasks, each by a learned mask and its own head.
+
+    Args:
+        backbone: any nn.Module (timm and torchvision classifiers are recognised automatically).
+            It is modified in place: frozen, and its head replaced by per-task heads.
+        config: which layers to mask and how; defaults are the paper's.
+        backbone_spec: JSON-serialisable description of how to rebuild the backbone (saved with
+            the model so that `from_pretrained` can recreate it); see `piggyback.backbones`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        config: PiggybackConfig | None = None,
+        *,
+        backbone_spec: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if any(isinstance(m, TaskHeads) for m in backbone.modules()):
+            raise UnsupportedModelError("this backbone is already wrapped by a PiggybackModel")
+        self.config = config = config or PiggybackConfig()
+        self.head_name = config.head or find_head(backbone)
+        try:
+            original_head = backbone.get_submodule(self.head_name)
+        except AttributeError as error:
+            raise UnsupportedModelError(
+                f"head {self.head_name!r} is not a module of the backbone"
+            ) from error
+        self.backbone_spec = dict(backbone_spec or {})
+        self.fingerprint = fingerprint(
+            {n: t for n, t in backbone.state_dict().items() if not _in_subtree(n, self.head_name)}
+        )
+        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, self.head_name)
+        self.unmasked: list[str] = check_unmasked(backbone, config, self.head_name, self.targets)
+        self.norm_names: list[str] = find_norm_tensors(backbone, self.head_name)
+        backbone.requires_grad_(False)
+        backbone.set_submodule(self.head_name, TaskHeads(original_head))
+        self.backbone = backbone
+        self.task_states = nn.ModuleDict()
+        self._norm_modules = [
+            m
+            for n, m in backbone.named_modules()
+            if is_norm(m) and not _in_subtree(n, self.head_name)
+        ]
+        self._active: str | None = None
+        self._slots: dict[str, Slot] = {}
+        self._cache: tuple[tuple, list[Tensor]] | None = None
+        self.train(backbone.training)
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    @property
+    def heads(self) -> TaskHeads:
+        return self.backbone.get_submodule(self.head_name)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Names of the tasks, in the order they were added."""
+        return list(self.task_states.keys())
+
+    @property
+    def active_task(self) -> str | None:
+        return self._active
+
+    def task(self, name: str | None = None) -> TaskState:
+        """The state of task `name` (default: the active task)."""
+        name = self._require_task() if name is None else name
+        if name not in self.task_states:
+            raise TaskError(f"unknown task {name!r}; this model has tasks {self.tasks}")
+        return self.task_states[name]
+
+    def _require_task(self) -> str:
+        if self._active is None:
+            hint = (
+                f"one of {self.tasks}" if self.tasks else "add one with add_task(name, num_classes)"
+            )
+            raise TaskError(f"no task is set: call set_task(name) with {hint}")
+        return self._active
+
+    def add_task(
+        self,
+        name: str,
+        num_classes: int | None = None,
+        *,
+        method: Method = "piggyback",
+        class_names: list[str] | None = None,
+        task_norms: bool | None = None,
+        seed: int | None = None,
+    ) -> TaskState:
+        """Add a task; it is not activated (call `set_task`).
+
+        Args:
+            num_classes: size of the task's new head; None copies the backbone's own head.
+            method: "piggyback" (learn a mask), "classifier" (head only), "finetune" (all).
+            class_names: optional names of the classes, saved with the task.
+            task_norms: own normalization tensors for this task (default: config.task_norms).
+            seed: seeds the head and score initialisation, so that a task is initialised the same
+                whatever was added before it.
+        """
+        check_task_name(name)
+        if name in self.task_states:
+            raise TaskError(f"task {name!r} already exists; delete_task({name!r}) first")
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        state = TaskState(name, method, num_classes=num_classes, class_names=class_names)
+        device = self._device()
+        if method == "piggyback":
+            state.init_scores(self.targets, self.config, seed, device)
+        if method == "finetune":
+            state.copy_tensors(state.weights, self._backbone_tensors(exclude_head=True))
+        elif self.config.task_norms if task_norms is None else task_norms:
+            state.copy_tensors(state.norms, self._backbone_tensors(names=self.norm_names))
+        self._install(state, new_head(self.heads.original, num_classes, seed))
+        return state
+
+    def _install(self, state: TaskState, head: nn.Module) -> None:
+        """Register a fully built task (used by add_task and by loading)."""
+        self.task_states[state.task_name] = state
+        self.heads.heads[state.task_name] = head
+        state.requires_grad_(False)
+        head.requires_grad_(False)
+        if self._active == state.task_name:
+            self.set_task(state.task_name)
+
+    def set_task(self, name: str) -> None:
+        """Make `name` the active task: the one forward() runs and the only one that trains."""
+        state = self.task(name)
+        self._active = name
+        self.heads.active = name
+        for other, other_state in self.task_states.items():
+            other_state.requires_grad_(False)
+            self.heads.heads[other].requires_grad_(False)
+        for group in self._parameter_groups(state).values():
+            for param in group:
+                param.requires_grad_(True)
+        self._cache = None
+        self._sync_norm_modes()
+
+    def delete_task(self, name: str) -> None:
+        """Remove a task and its head; other tasks are untouched."""
+        self.task(name)
+        del self.task_states[name]
+        del self.heads.heads[name]
+        if self._active == name:
+            self._active = None
+            self.heads.active = None
+        self._cache = None
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _parameter_groups(self, state: TaskState) -> dict[str, list[nn.Parameter]]:
+        own = state.parameter_groups()
+        head = {"head": list(self.heads.heads[state.task_name].parameters())}
+        order = ("scores", "backbone", "head", "norms")
+        return {name: (own | head)[name] for name in order if name in own | head}
+
+    def trainable_parameters(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of a task: scores / head / norms (or backbone, finetune).
+
+        Each group is a dict with "name" and "params", so each can get its own learning rate:
+        `torch.optim.Adam(model.trainable_parameters())`.
+        """
+        state = self.task(task)
+        return [{"name": n, "params": p} for n, p in self._parameter_groups(state).items() if p]
+
+    def train(self, mode: bool = True) -> PiggybackModel:
+        super().train(mode)
+        self._cache = None
+        self._sync_norm_modes()
+        return self
+
+    def _sync_norm_modes(self) -> None:
+        """Frozen (shared) normalization always runs in eval mode, as in the paper."""
+        state = self.task_states[self._active] if self._active else None
+        learn = self.training and state is not None and state.trains_norms
+        for module in self._norm_modules:
+            module.train(learn)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        with self.task_applied() as backbone:
+            return backbone(*args, **kwargs)
+
+    @contextmanager
+    def task_applied(self) -> Iterator[nn.Module]:
+        """Within this block the backbone computes with the active task's weights.
+
+        For other backbone methods: `with m.task_applied() as b: b.forward_features(x)`.
+        """
+        state = self.task()
+        names = state.swapped_names(self.targets)
+        slots = [self._slot(n) for n in names]
+        with swapped(slots, self._task_tensors(state)):
+            yield self.backbone
+
+    def _slot(self, name: str) -> Slot:
+        if name not in self._slots:
+            self._slots[name] = Slot.resolve(self.backbone, name)
+        return self._slots[name]
+
+    def _task_tensors(self, state: TaskState) -> list[Tensor]:
+        """The tensors to swap in; cached in eval mode when no gradient has to reach them."""
+        needs_graph = self.training or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in state.parameters())
+        )
+        if needs_graph:
+            return self._compute_tensors(state)
+        inputs = state.mask_inputs() + [self._slot(t.name).get() for t in self.targets]
+        key = (state.task_name, id(state), tuple((id(t), _version(t)) for t in inputs))
+        if self._cache is None or self._cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self._compute_tensors(state))
+        return self._cache[1]
+
+    def _compute_tensors(self, state: TaskState) -> list[Tensor]:
+        tensors = []
+        if state.method == "piggyback":
+            for target, mask in zip(
+                self.targets, state.masks(self.targets, self.config), strict=True
+            ):
+                weight = self._slot(target.name).get()
+                tensors.append(weight * mask.to(weight.dtype))
+        return tensors + state.own_tensors()
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # .to() / .cuda() / .half() give new tensors
+        return super()._apply(fn, recurse)
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _backbone_tensors(
+        self, *, exclude_head: bool = False, names: list[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Backbone parameters and buffers by name, as the original (frozen) tensors."""
+        tensors = dict(self.backbone.named_parameters()) | dict(self.backbone.named_buffers())
+        if names is not None:
+            return {n: tensors[n] for n in names}
+        return {
+            n: t
+            for n, t in tensors.items()
+            if not (exclude_head and _in_subtree(n, self.head_name))
+        }
+
+    def mask_density(self, task: str | None = None) -> dict[str, float]:
+        """Fraction of non-zero mask entries per masked tensor (piggyback tasks only)."""
+        state = self.task(task)
+        if state.method != "piggyback":
+            return {}
+        with torch.no_grad():
+            masks = state.masks(self.targets, self.config)
+            return {
+                t.name: float((m != 0).float().mean())
+                for t, m in zip(self.targets, masks, strict=True)
+            }
+
+    def overall_density(self, task: str | None = None) -> float | None:
+        """Fraction of masked weights left on, over all masked tensors."""
+        density = self.mask_density(task)
+        if not density:
+            return None
+        total = sum(t.numel for t in self.targets)
+        return sum(density[t.name] * t.numel for t in self.targets) / total
+
+    @property
+    def num_masked(self) -> int:
+        return sum(t.numel for t in self.targets)
+
+    # -- merge / unload -------------------------------------------------------------------------
+
+    def merge(self, task: str | None = None) -> nn.Module:
+        """A plain copy of the backbone with the task baked in: W * mask, its head and norms.
+
+        The result holds no piggyback class, runs without this library and exports with
+        torch.export / ONNX. This model is left unchanged.
+        """
+        state = self.task(task)
+        head = self.heads.heads[state.task_name]
+        with torch.no_grad():
+            tensors = self._compute_tensors(state)
+        heads = self.heads
+        self.backbone.set_submodule(self.head_name, head)
+        try:
+            merged = copy.deepcopy(self.backbone)
+        finally:
+            self.backbone.set_submodule(self.head_name, heads)
+        for name, tensor in zip(state.swapped_names(self.targets), tensors, strict=True):
+            slot = Slot.resolve(merged, name)
+            value = tensor.detach().clone()
+            slot.store[slot.key] = nn.Parameter(value) if slot.is_parameter else value
+        merged.requires_grad_(True)
+        return merged.eval()
+
+    def unload(self) -> nn.Module:
+        """Give back the backbone with its original head, dropping every task."""
+        self.backbone.set_submodule(self.head_name, self.heads.original)
+        backbone = self.backbone
+        self.task_states = nn.ModuleDict()
+        self._active = None
+        return backbone
+
+    # -- files (see piggyback.serialization) ----------------------------------------------------
+
+    def save_task(self, path: str | Path, task: str | None = None) -> Path:
+        """Write one task to a safetensors file (bit-packed masks, head, norms, metadata)."""
+        from piggyback.serialization import save_task
+
+        return save_task(self, self.task(task).task_name, Path(path))
+
+    def load_task(
+        self, path: str | Path, name: str | None = None, *, check_fingerprint: bool = True
+    ) -> str:
+        """Add the task stored in `path` as `name` (default: its saved name); returns the name."""
+        from piggyback.serialization import load_task
+
+        return load_task(self, Path(path), name=name, check_fingerprint=check_fingerprint)
+
+    def save_pretrained(self, directory: str | Path, tasks: list[str] | None = None) -> Path:
+        """Write the model config and one file per task into `directory` (like PEFT)."""
+        from piggyback.serialization import save_pretrained
+
+        return save_pretrained(self, Path(directory), tasks)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        backbone: nn.Module | None = None,
+        *,
+        tasks: list[str] | None = None,
+        check_fingerprint: bool = True,
+    ) -> PiggybackModel:
+        """Rebuild a saved model: onto `backbone`, or the one its config describes."""
+        from piggyback.serialization import from_pretrained
+
+        return from_pretrained(
+            Path(directory), backbone, tasks=tasks, check_fingerprint=check_fingerprint
+        )
