@@ -1,0 +1,46 @@
+"""The paper's resize-then-crop recipe, scaled to the input size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from piggyback.data import build_transforms, resize_size
+from piggyback.errors import DataError
+
+
+@pytest.mark.parametrize(("image_size", "expected"), [(224, 256), (112, 128), (32, 37)])
+def test_resize_size_keeps_the_256_over_224_ratio(image_size: int, expected: int) -> None:
+    assert resize_size(image_size) == expected
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("source_size", [(8, 8), (300, 120)])
+def test_output_shape(train: bool, source_size: tuple[int, int]) -> None:
+    transform = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=train)
+    out = transform(Image.new("RGB", source_size, (10, 20, 30)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_eval_normalizes_and_is_deterministic() -> None:
+    transform = build_transforms(16, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0), train=False)
+    image = Image.new("RGB", (40, 20), (255, 0, 128))
+    out = transform(image)
+    assert torch.equal(out, transform(image))
+    expected = torch.tensor([(1 - 0.5) / 0.25, (0 - 0.5) / 0.5, (128 / 255 - 0.5) / 1.0])
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-3)
+
+
+def test_eval_center_crops_after_resizing_the_short_side() -> None:
+    """A 2:1 image with a left half black and a right half white: the crop keeps both halves."""
+    image = Image.new("L", (64, 32), 0)
+    image.paste(255, (32, 0, 64, 32))
+    out = build_transforms(16, (0.0,) * 3, (1.0,) * 3, train=False)(image.convert("RGB"))
+    assert out[0, :, 0].max() < 0.1 and out[0, :, -1].min() > 0.9
+
+
+def test_unknown_interpolation() -> None:
+    with pytest.raises(DataError, match=r"unknown interpolation 'cubic'.*bicubic"):
+        build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=True, interpolation="cubic")
+    assert build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=False, interpolation="bicubic")
