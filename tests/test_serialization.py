@@ -99,8 +99,12 @@ def test_file_holds_at_most_ceil_p_bits_over_8_bytes_of_masks(tmp_path, images, 
 def test_metadata_describes_the_task(tmp_path, images):
     model = trained(images)
     model.task("t").class_names = ["cat", "dog", "émeu"]
+    model.task("t").info = {"preprocess": {"image_size": 128}}
     path = model.save_task(tmp_path / "t.safetensors")
     meta, _ = ser.read_task_file(path)
+    fresh = make_model()
+    fresh.load_task(path)
+    assert fresh.task("t").info == {"preprocess": {"image_size": 128}}
     assert meta["format_version"] == ser.TASK_FORMAT_VERSION
     assert meta["mask_kind"] == "binary" and meta["threshold"] == 5e-3
     assert meta["layers"] == [[t.name, list(t.shape)] for t in model.targets]

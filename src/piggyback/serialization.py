@@ -113,6 +113,7 @@ def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) 
         "norms": list(state.norms.names),
         "backbone_fingerprint": model.fingerprint,
         "backbone_spec": model.backbone_spec,
+        "info": state.info,
         "checksum": fingerprint(tensors),
     }
 
@@ -269,6 +270,7 @@ def build_task_state(
     _check_layers(model, path, meta)
     class_names = meta.get("class_names")
     state = TaskState(name, method, num_classes=meta.get("num_classes"), class_names=class_names)
+    state.info = dict(meta.get("info") or {})
     device = model._device()
     if method == "piggyback":
         _check_mask_settings(model, path, meta)

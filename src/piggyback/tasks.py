@@ -95,6 +95,8 @@ class TaskState(nn.Module):
         self.method = method
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
+        # JSON-serialisable facts saved with the task: preprocessing it was trained with, results.
+        self.info: dict = {}
         self.scores = TensorStore()  # piggyback, trainable
         self.register_buffer("packed_masks", None)  # piggyback, frozen (loaded from a file)
         self.norms = TensorStore()  # task-specific normalization tensors
