@@ -97,3 +97,42 @@ def tiny_transformer() -> TinyTransformer:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def write_image_folder(
+    root: Path, splits: dict[str, int], classes: int = 3, size: int = 24
+) -> Path:
+    """An ImageFolder tree of noisy solid-colour JPEGs: learnable, tiny, deterministic."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)][:classes]
+    for split, count in splits.items():
+        for label, colour in enumerate(colours):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                noise = rng.normal(0, 30, (size, size, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes: 8 train, 3 val, 3 test images each."""
+    return write_image_folder(tmp_path_factory.mktemp("data"), {"train": 8, "val": 3, "test": 3})
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A local state dict for timm's tiny `test_efficientnet` (what --weights PATH loads)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet")
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -1,0 +1,210 @@
+"""Training runs on a tiny backbone and tiny data: recipe, selection, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from piggyback import PiggybackModel
+from piggyback.training import NonFiniteLossError, RunError, TrainConfig, train
+from piggyback.training import loop as loop_module
+from piggyback.training.checkpoint import read_checkpoint
+from piggyback.training.recipe import merge_options, read_config_file
+
+
+def tiny_config(data, weights, output, **overrides) -> TrainConfig:
+    options = {
+        "data": str(data),
+        "output": str(output),
+        "backbone": "timm:test_efficientnet",
+        "weights": str(weights),
+        "epochs": 3,
+        "batch_size": 8,
+        "image_size": 32,
+        "workers": 0,
+        "progress": False,
+        "lr": 1e-2,
+        "task": "data",
+    }
+    return TrainConfig(**{**options, **overrides})
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_weights, tmp_path):
+    result = train(tiny_config(tiny_data, tiny_weights, tmp_path / "model"), log=quiet)
+    history = result.history
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    val = [r["val_top1"] for r in history]
+    assert result.best_epoch == val.index(max(val)) + 1  # selected on val, first best wins
+    assert result.val["top1"] == max(val)  # the saved task reproduces its val score
+    assert result.test is not None and result.test["images"] == 9
+    run_dir = tmp_path / "model" / "runs" / "data"
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "results.json",
+        "checkpoint.safetensors",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    model = PiggybackModel.from_pretrained(tmp_path / "model", tasks=["data"])
+    info = model.task("data").info
+    assert info["preprocess"]["image_size"] == 32
+    assert info["results"]["test_top1"] == result.test["top1"]
+    assert model.task("data").class_names == ["class_0", "class_1", "class_2"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run_bit_for_bit(
+    tiny_data, tiny_weights, tmp_path
+):
+    straight = train(tiny_config(tiny_data, tiny_weights, tmp_path / "a"), log=quiet)
+
+    def interrupt_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=interrupt_after_first_epoch)
+    assert read_checkpoint(tmp_path / "b/runs/data/checkpoint.safetensors")[0]["epoch"] == 1
+    resumed = train(config, resume=True, log=quiet)
+
+    assert resumed.history == [
+        {
+            **r,
+            "images_per_second": resumed.history[i]["images_per_second"],
+            "seconds": resumed.history[i]["seconds"],
+        }
+        for i, r in enumerate(straight.history)
+    ]
+    a = load_file(straight.task_file)
+    b = load_file(resumed.task_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks and head
+    scores_a = read_checkpoint(straight.run_dir / "checkpoint.safetensors")[1]
+    scores_b = read_checkpoint(resumed.run_dir / "checkpoint.safetensors")[1]
+    for key in scores_a:
+        if key.startswith("task/scores."):
+            assert torch.equal(scores_a[key], scores_b[key]), key
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tiny_data, tiny_weights, tmp_path, monkeypatch
+):
+    real = loop_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, **kwargs):
+        calls["n"] += 1
+        loss = real(logits, labels, **kwargs)
+        return loss * float("nan") if calls["n"] > 4 else loss  # 3 train batches per epoch
+
+    monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "m")
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan.*last good checkpoint \(after epoch 1\)"
+    ):
+        train(config, log=quiet)
+    meta, _ = read_checkpoint(tmp_path / "m/runs/data/checkpoint.safetensors")
+    assert meta["epoch"] == 1
+
+
+def test_recipe_defaults_are_the_papers():
+    piggyback = TrainConfig(data="x").resolve()
+    assert (piggyback.optimizer, piggyback.lr_scores, piggyback.lr_head) == ("adam", 1e-4, 1e-4)
+    assert piggyback.lr_decay_epochs == [15] and piggyback.lr_decay_factor == 0.1
+    assert (piggyback.epochs, piggyback.batch_size, piggyback.weight_decay) == (30, 32, 0.0)
+    assert not piggyback.task_norms
+    finetune = TrainConfig(data="x", method="finetune").resolve()
+    assert (finetune.optimizer, finetune.lr, finetune.momentum) == ("sgd", 1e-3, 0.9)
+    assert finetune.lr_decay_epochs == [15]
+    classifier = TrainConfig(data="x", method="classifier").resolve()
+    assert (classifier.optimizer, classifier.lr_head, classifier.lr_decay_epochs) == (
+        "sgd",
+        1e-3,
+        [],
+    )
+    assert TrainConfig(data="x", epochs=8).resolve().lr_decay_epochs == [4]  # scaled schedule
+
+
+def test_optimizer_groups_and_schedule_follow_the_recipe(tiny_data, tiny_weights, tmp_path):
+    result = train(
+        tiny_config(
+            tiny_data, tiny_weights, tmp_path / "m", lr_scores=1e-3, lr_head=1e-2, epochs=3
+        ),
+        log=quiet,
+    )
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == {"scores": 1e-3, "head": 1e-2}
+    assert lrs[1] == pytest.approx({"scores": 1e-4, "head": 1e-3})  # x0.1 at epoch 1 (= 3 // 2)
+
+
+@pytest.mark.parametrize("method", ["finetune", "classifier"])
+def test_baselines_train_and_save(tiny_data, tiny_weights, tmp_path, method):
+    result = train(
+        tiny_config(tiny_data, tiny_weights, tmp_path / "m", method=method, epochs=2, lr=1e-2),
+        log=quiet,
+    )
+    assert result.density is None
+    model = PiggybackModel.from_pretrained(tmp_path / "m", tasks=["data"])
+    assert model.task("data").method == method
+
+
+def test_config_file_values_and_flag_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("epochs: 7\nlr-head: 0.5\nmethod: finetune\n")
+    (tmp_path / "run.toml").write_text("epochs = 9\nbatch_size = 4\n")
+    config = merge_options(read_config_file(tmp_path / "run.yaml"), {"epochs": 3, "data": "d"})
+    assert (config.epochs, config.lr_head, config.method) == (3, 0.5, "finetune")
+    assert read_config_file(tmp_path / "run.toml") == {"epochs": 9, "batch_size": 4}
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=r"unknown training options \['epoch'\]"):
+        merge_options(read_config_file(tmp_path / "bad.yaml"), {})
+
+
+def test_resolved_config_is_saved_with_the_run(tiny_data, tiny_weights, tmp_path):
+    train(tiny_config(tiny_data, tiny_weights, tmp_path / "m", epochs=1), log=quiet)
+    saved = yaml.safe_load((tmp_path / "m/runs/data/config.yaml").read_text())
+    assert saved["optimizer"] == "adam" and saved["lr_decay_epochs"] == [1]
+    assert saved["lr_scores"] == 1e-2 and saved["task"] == "data"
+
+
+def test_model_directory_collects_tasks_and_refuses_mistakes(tiny_data, tiny_weights, tmp_path):
+    output = tmp_path / "m"
+    train(tiny_config(tiny_data, tiny_weights, output, epochs=1, task="first"), log=quiet)
+    train(tiny_config(tiny_data, tiny_weights, output, epochs=1, task="second"), log=quiet)
+    index = json.loads((output / "piggyback_config.json").read_text())["tasks"]
+    assert set(index) == {"first", "second"}
+    with pytest.raises(RunError, match="already exists"):
+        train(tiny_config(tiny_data, tiny_weights, output, epochs=1, task="first"), log=quiet)
+    with pytest.raises(RunError, match="other mask settings"):
+        config = tiny_config(
+            tiny_data, tiny_weights, output, epochs=1, task="t3", mask_kind="ternary"
+        )
+        train(config, log=quiet)
+    with pytest.raises(RunError, match="nothing to resume"):
+        train(tiny_config(tiny_data, tiny_weights, output, task="new"), resume=True, log=quiet)
+    train(
+        tiny_config(tiny_data, tiny_weights, output, epochs=1, task="first"),
+        overwrite=True,
+        log=quiet,
+    )
+
+
+def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):
+    def stop(line: str) -> None:
+        if line.startswith("epoch"):
+            raise KeyboardInterrupt
+
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "m")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=stop)
+    changed = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=0.5)
+    with pytest.raises(RunError, match=r"other settings than the interrupted run.*'lr'"):
+        train(changed, resume=True, log=quiet)
