@@ -27,8 +27,12 @@ def build_transforms(
     *,
     train: bool,
     interpolation: str = "bilinear",
+    resize: int | None = None,
 ) -> v2.Compose:
-    """PIL image -> normalized float tensor of shape (3, image_size, image_size)."""
+    """PIL image -> normalized float tensor of shape (3, image_size, image_size).
+
+    `resize` is the short side before cropping (default: `resize_size(image_size)`).
+    """
     try:
         mode = InterpolationMode(interpolation)
     except ValueError as error:
@@ -43,7 +47,7 @@ def build_transforms(
     )
     return v2.Compose(
         [
-            v2.Resize(resize_size(image_size), interpolation=mode),
+            v2.Resize(resize or resize_size(image_size), interpolation=mode),
             *crop,
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),

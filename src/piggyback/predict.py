@@ -1,0 +1,250 @@
+"""Classifying image files with one task of a model.
+
+A task only works on images prepared the way it was trained, so the preprocessing comes from the
+task itself (`info["preprocess"]`, written by training) and, for tasks trained elsewhere, from the
+backbone's own data config. Only an unnamed backbone leaves nothing to look up: then the caller
+must say how to normalize rather than have us guess statistics that silently degrade accuracy.
+
+Prediction runs the task merged into a plain copy of the backbone (`PiggybackModel.merge`), so the
+model passed in is left exactly as it was (active task, device, training mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from piggyback.data import ImageDataset, build_transforms, resize_size
+from piggyback.errors import BackboneError, DataError, TaskError
+
+if TYPE_CHECKING:
+    from piggyback.model import PiggybackModel
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Prediction",
+    "collect_images",
+    "eval_transform",
+    "predict",
+    "resolve_preprocess",
+]
+
+#: Suffixes (lower case) of the files taken from folders; the same list torchvision's ImageFolder
+#: uses, so that what trains from a folder also predicts from it.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
+_REQUIRED = ("image_size", "mean", "std")
+
+
+# -- preprocessing ------------------------------------------------------------------------------
+
+
+def resolve_preprocess(
+    model: PiggybackModel,
+    task: str | None = None,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """The evaluation preprocessing of a task, as the dict training stores in `info`.
+
+    Keys: image_size, resize_size, mean, std, interpolation. Arguments override what the task
+    recorded, which overrides the backbone's data config. A changed `image_size` keeps the recorded
+    resize / crop ratio, so the field of view stays the one the task was trained on.
+    """
+    state = model.task(task)
+    recorded = state.info.get("preprocess") or _backbone_preprocess(model)
+    given = {"image_size": image_size, "mean": mean, "std": std}
+    found = {**recorded, **{k: v for k, v in given.items() if v is not None}}
+    missing = [key for key in _REQUIRED if found.get(key) is None]
+    if missing:
+        raise DataError(
+            f"task {state.task_name!r} records no preprocessing and its backbone is unnamed "
+            f"(no spec to look its data config up): pass {', '.join(missing)} explicitly "
+            "(the values the task was trained with)"
+        )
+    size = int(found["image_size"])
+    if recorded.get("resize_size") and recorded.get("image_size"):
+        resize = round(size * int(recorded["resize_size"]) / int(recorded["image_size"]))
+    else:
+        resize = resize_size(size)
+    return {
+        "image_size": size,
+        "resize_size": resize,
+        "mean": _channels("mean", found["mean"]),
+        "std": _channels("std", found["std"]),
+        "interpolation": str(found.get("interpolation") or "bilinear"),
+    }
+
+
+def _channels(name: str, values: Sequence[float]) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise DataError(f"{name} needs one value per RGB channel (3), got {values}")
+    return values
+
+
+def _backbone_preprocess(model: PiggybackModel) -> dict[str, Any]:
+    """The backbone's data config, from its spec; {} for an unnamed backbone.
+
+    Rebuilt without weights (pretrained=False): the data config belongs to the architecture and
+    its pretrained tag, so this needs no download and no weights file.
+    """
+    spec = model.backbone_spec
+    if not spec:
+        return {}
+    from piggyback.backbones import create_backbone_from_spec
+
+    try:
+        config = create_backbone_from_spec({**spec, "pretrained": False, "weights": None})
+    except BackboneError as error:
+        raise DataError(
+            f"cannot look up the preprocessing of backbone {spec} ({error}); "
+            "pass image_size, mean and std explicitly"
+        ) from error
+    data = config.data_config
+    return {
+        "image_size": int(data["input_size"][-1]),
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "interpolation": data["interpolation"],
+    }
+
+
+def eval_transform(
+    model: PiggybackModel,
+    task: str | None = None,
+    image_size: int | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> v2.Compose:
+    """PIL image -> normalized tensor, as the task is evaluated (see `resolve_preprocess`)."""
+    prep = resolve_preprocess(model, task, image_size=image_size, mean=mean, std=std)
+    return build_transforms(
+        prep["image_size"],
+        prep["mean"],
+        prep["std"],
+        train=False,
+        interpolation=prep["interpolation"],
+        resize=prep["resize_size"],
+    )
+
+
+# -- finding images -----------------------------------------------------------------------------
+
+
+def collect_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The image files named by `paths`, in argument order, each folder's images sorted.
+
+    A file is taken as given (the user named it; if it is no image it is reported when read); a
+    folder contributes every file below it with an image suffix (case-insensitive), hidden files
+    and folders excepted. A file reached twice is listed once.
+    """
+    if isinstance(paths, str | Path):  # one path, not a sequence of characters
+        paths = [paths]
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            images = _images_below(path)
+            if not images:
+                raise DataError(
+                    f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            found += images
+        else:
+            raise DataError(f"{path} does not exist: expected an image file or a folder")
+    return list(dict.fromkeys(found))
+
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+
+
+# -- predicting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The `top` classes of one image as (class name, probability), most probable first."""
+
+    path: Path
+    top: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        """The most probable class."""
+        return self.top[0][0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (for `--json` output and logs)."""
+        return {
+            "path": str(self.path),
+            "top": [{"class": name, "probability": prob} for name, prob in self.top],
+        }
+
+
+def predict(
+    model: PiggybackModel,
+    task: str | None,
+    paths: str | Path | Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[Prediction]:
+    """Top-k classes of every image in `paths` (see `collect_images`), in that order.
+
+    Unreadable images follow `ImageDataset`: they are left out with one UnreadableImageWarning
+    (so one bad file does not cost a whole folder's predictions); a DataError is raised only when
+    none can be read. `top_k` is clipped to the number of classes. `image_size`, `mean` and `std`
+    override the task's preprocessing (see `resolve_preprocess`).
+    """
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+    files = collect_images(paths)
+    transform = eval_transform(model, task, image_size, mean=mean, std=std)
+    state = model.task(task)
+    network = model.merge(task).to(device).eval()
+    # The label of each sample is its index: if ImageDataset replaces an image that fails to
+    # decode by the next one, the index still says which file a result belongs to.
+    dataset = ImageDataset([(p, i) for i, p in enumerate(files)], transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    results: dict[int, Prediction] = {}
+    with torch.inference_mode():
+        for images, indices in loader:
+            probs = network(images.to(device)).float().softmax(dim=1).cpu()
+            names = _class_names(state.class_names, probs.shape[1], state.task_name)
+            values, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            for index, row_values, row_classes in zip(
+                indices.tolist(), values.tolist(), classes.tolist(), strict=True
+            ):
+                top = [(names[c], v) for c, v in zip(row_classes, row_values, strict=True)]
+                results.setdefault(index, Prediction(files[index], top))
+    return [results[i] for i in sorted(results)]
+
+
+def _class_names(names: list[str] | None, count: int, task: str) -> list[str]:
+    if names is None:
+        return [str(i) for i in range(count)]
+    if len(names) != count:
+        raise TaskError(f"task {task!r} has {len(names)} class names for {count} outputs")
+    return names
