@@ -270,6 +270,8 @@ def test_writes_are_atomic(tmp_path, images, monkeypatch):
         model.save_task(path)
     assert path.read_bytes() == good  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temporary left
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~ser._umask()  # not mkstemp's private 0600
 
 
 def test_directory_refuses_other_backbone(tmp_path, images):

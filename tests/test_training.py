@@ -208,3 +208,20 @@ def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):
     changed = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=0.5)
     with pytest.raises(RunError, match=r"other settings than the interrupted run.*'lr'"):
         train(changed, resume=True, log=quiet)
+
+
+def test_tensorboard_bf16_and_worker_processes(tiny_data, tiny_weights, tmp_path):
+    config = tiny_config(
+        tiny_data, tiny_weights, tmp_path / "m", epochs=1, precision="bf16", tensorboard=True
+    )
+    result = train(config, log=quiet)
+    assert result.history[0]["train_loss"] > 0
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    with_workers = [
+        train(
+            tiny_config(tiny_data, tiny_weights, tmp_path / f"w{i}", epochs=1, workers=2), log=quiet
+        )
+        for i in range(2)
+    ]
+    a, b = (load_file(r.task_file) for r in with_workers)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # worker processes keep runs reproducible

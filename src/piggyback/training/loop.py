@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,13 @@ def train_one_epoch(
     max_batches: int | None = None,
     progress: bool = True,
     description: str = "train",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
-    """Cross-entropy training over `loader`; stops the run on a NaN or infinite loss."""
+    """Cross-entropy training over `loader`; stops the run on a NaN or infinite loss.
+
+    With several processes, `reduce` sums a non-finite flag over them, so all stop together
+    instead of leaving the others waiting in a gradient all-reduce.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -78,8 +84,12 @@ def train_one_epoch(
         with precision.autocast():
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"the loss is {loss.item()} at step {step} of {description}")
+        value = loss.item()
+        bad = not math.isfinite(value)
+        if reduce is not None:
+            bad = bool(reduce(torch.tensor([float(bad)], device=precision.device)).item())
+        if bad:
+            raise NonFiniteLossError(f"the loss is {value} at step {step} of {description}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -101,8 +111,12 @@ def evaluate(
     *,
     progress: bool = True,
     description: str = "eval",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Top-1 / top-5 accuracy (%), mean loss and per-class top-1 accuracy over `loader`."""
+    """Top-1 / top-5 accuracy (%), mean loss and per-class top-1 accuracy over `loader`.
+
+    `reduce` sums the counts over processes when each evaluates a shard of the data.
+    """
     model.eval()
     device = precision.device
     per_class_correct = torch.zeros(num_classes, dtype=torch.long)
@@ -118,6 +132,12 @@ def evaluate(
         top5_correct += int((top == labels[:, None]).any(1).sum())
         per_class_total += torch.bincount(labels, minlength=num_classes)
         per_class_correct += torch.bincount(labels[hit1], minlength=num_classes)
+    if reduce is not None:
+        counts = torch.cat([per_class_correct, per_class_total]).double()
+        extra = torch.tensor([top5_correct, total_loss], dtype=torch.float64)
+        counts, extra = reduce(counts.to(device)).cpu(), reduce(extra.to(device)).cpu()
+        per_class_correct, per_class_total = counts.long().split(num_classes)
+        top5_correct, total_loss = int(extra[0]), float(extra[1])
     count = int(per_class_total.sum())
     present = per_class_total > 0
     per_class = torch.where(present, 100 * per_class_correct / per_class_total.clamp(min=1), 0)

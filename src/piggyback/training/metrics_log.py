@@ -29,11 +29,12 @@ class MetricsLog:
     the checkpoint after an interruption between the two writes.
     """
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False, enabled: bool = True) -> None:
         self.run_dir = run_dir
+        self.enabled = enabled  # False in all but the first of several processes
         self.history: list[dict[str, Any]] = []
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
@@ -57,6 +58,8 @@ class MetricsLog:
             self.writer.flush()
 
     def _write(self) -> None:
+        if not self.enabled:
+            return
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         write_atomic(self.run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
         rows = [_flat(r) for r in self.history]

@@ -73,6 +73,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     precision: str = "32"
+    channels_last: bool = True
     progress: bool = True
     tensorboard: bool = False
     download: bool = False
@@ -138,7 +139,7 @@ class TrainConfig:
 
 
 #: Options that may differ when a run is resumed: they do not change its result.
-RESUMABLE_CHANGES = ("workers", "progress", "device", "tensorboard", "download")
+RESUMABLE_CHANGES = ("workers", "progress", "device", "tensorboard", "download", "channels_last")
 
 
 def default_task_name(data: str) -> str:

@@ -1,0 +1,30 @@
+"""Process-wide speed settings for the command line (the library never changes them itself)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (glibc only); returns whether it was applied.
+
+    Why: each CPU training step allocates and frees hundreds of MB of activations. glibc hands
+    large blocks back to the kernel (mmap/munmap), so every step page-faults them in again, zeroed.
+    Measured on EfficientNet-Lite0, batch 32 at 128 px, 2 cores: 116k page faults and ~0.2 s of
+    system time per step before, ~1k and ~0 after, and the step 1.07x faster. jemalloc or tcmalloc
+    would do the same through LD_PRELOAD; mallopt needs no extra install. Memory is then returned
+    to the system only when the process exits, which suits a training or evaluation command.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
