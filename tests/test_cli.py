@@ -1,0 +1,135 @@
+"""The command line end to end on a tiny backbone: train -> eval -> predict -> info -> export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from piggyback import PiggybackModel
+from piggyback.cli import app
+from piggyback.predict import eval_transform
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tiny_data, tiny_weights, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cli") / "model"
+    text = invoke(
+        "train",
+        "--data", tiny_data,
+        "--task", "colours",
+        "--output", output,
+        "--backbone", "timm:test_efficientnet",
+        "--weights", tiny_weights,
+        "--epochs", 2,
+        "--batch-size", 8,
+        "--image-size", 32,
+        "--lr", 1e-2,
+        "--workers", 0,
+        "--no-progress",
+    )  # fmt: skip
+    assert "epoch   2/2" in text and "test top-1:" in text
+    return output
+
+
+def test_every_command_has_help():
+    for command in ("train", "eval", "predict", "info", "export"):
+        assert "Usage" in invoke(command, "--help")
+
+
+def test_eval_prints_and_writes_json(trained_dir, tiny_data, tmp_path):
+    out = tmp_path / "eval.json"
+    text = invoke(
+        "eval",
+        trained_dir,
+        "--task",
+        "colours",
+        "--data",
+        tiny_data,
+        "--output",
+        out,
+        "--no-progress",
+    )
+    result = json.loads(out.read_text())
+    assert result["split"] == "test" and result["images"] == 9
+    assert set(result["per_class"]) == {"class_0", "class_1", "class_2"}
+    assert f"top-1 {result['top1']:.2f}%" in text and "class_1" in text
+    saved = json.loads((trained_dir / "runs/colours/results.json").read_text())
+    assert result["top1"] == pytest.approx(saved["test_top1"])  # same task, same numbers
+
+
+def test_predict_gives_class_names_with_probabilities(trained_dir, tiny_data):
+    folder = tiny_data / "test" / "class_2"
+    rows = json.loads(
+        invoke("predict", trained_dir, folder, "--task", "colours", "--top-k", 2, "--json")
+    )
+    assert len(rows) == 3
+    for row in rows:
+        probabilities = [t["probability"] for t in row["top"]]
+        assert len(row["top"]) == 2 and probabilities == sorted(probabilities, reverse=True)
+        assert {t["class"] for t in row["top"]} <= {"class_0", "class_1", "class_2"}
+    text = invoke("predict", trained_dir, next(folder.iterdir()), "--task", "colours")
+    assert "class_" in text and "%" in text
+
+
+def test_info_describes_the_model_directory(trained_dir):
+    text = invoke("info", trained_dir, "--verbose")
+    assert "colours" in text and "sha256:" in text
+    description = json.loads(invoke("info", trained_dir, "--json"))
+    task = description["tasks"]["colours"]
+    assert task["bytes"] == (trained_dir / "tasks/colours.safetensors").stat().st_size
+    assert 0 < task["density"] <= 1 and task["layer_density"]
+
+
+def test_export_onnx_matches_pytorch(trained_dir, tiny_data, tmp_path):
+    import onnxruntime
+
+    invoke("export", trained_dir, "--task", "colours", "--output", tmp_path, "--format", "onnx")
+    model = PiggybackModel.from_pretrained(trained_dir, tasks=["colours"])
+    model.set_task("colours")
+    model.eval()
+    transform = eval_transform(model, "colours")
+    from PIL import Image
+
+    images = sorted((tiny_data / "test").rglob("*.jpg"))[:4]
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    session = onnxruntime.InferenceSession(str(tmp_path / "colours.onnx"))
+    name = session.get_inputs()[0].name
+    onnx_out = session.run(None, {name: batch.numpy()})[0]
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    np.testing.assert_allclose(onnx_out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_config_file_with_flag_override_and_clear_errors(tiny_data, tiny_weights, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'data = "{tiny_data}"\nbackbone = "timm:test_efficientnet"\nweights = "{tiny_weights}"\n'
+        "epochs = 5\nbatch_size = 8\nimage_size = 32\nworkers = 0\nprogress = false\n"
+    )
+    output = tmp_path / "m"
+    invoke("train", "--config", config, "--epochs", 1, "--output", output, "--task", "t")
+    lines = (output / "runs/t/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # the flag overrode the file's 5 epochs
+
+    missing = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "nowhere"), "--output", str(output)]
+    )
+    assert missing.exit_code == 2 and "error:" in missing.output and "nowhere" in missing.output
+    bad = runner.invoke(
+        app, ["train", "--config", str(config), "--method", "magic", "--output", str(output)]
+    )
+    assert bad.exit_code == 2 and "method must be one of" in bad.output
+    unknown = runner.invoke(app, ["eval", str(output), "--task", "nope", "--data", str(tiny_data)])
+    assert unknown.exit_code == 2 and "nope" in unknown.output
