@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_backbone(name: str) -> torch.nn.Module:
-    return create_backbone(name, pretrained=(name == "efficientnet_lite0")).model
+    """The backbone in channels-last layout (as training uses it), for every method alike."""
+    model = create_backbone(name, pretrained=(name == "efficientnet_lite0")).model
+    return model.to(memory_format=torch.channels_last)
 
 
 def build(name: str, method: str, device: torch.device):
@@ -77,6 +79,7 @@ def build(name: str, method: str, device: torch.device):
     model.add_task("t", NUM_CLASSES, method=method, seed=0)
     model.set_task("t")
     model.to(device).train()
+    model.to(memory_format=torch.channels_last)  # the new head and scores too
     if method == "piggyback":
         optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
     else:
@@ -202,6 +205,7 @@ def inference(name: str, args, device) -> dict[str, Any]:
     model.add_task("a", seed=0)  # the backbone's own head: same output size as the plain model
     model.add_task("b", seed=1)
     model.to(device).eval()
+    model.to(memory_format=torch.channels_last)
     model.set_task("a")
     results = {}
     with torch.inference_mode():
