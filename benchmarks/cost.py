@@ -39,6 +39,7 @@ from environment import environment
 
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
+from piggyback.packing import packed_size
 from piggyback.runtime import tune_allocator
 
 METHODS = ("piggyback", "finetune", "classifier")
@@ -256,12 +257,20 @@ def storage(name: str) -> dict[str, Any]:
         state = {k: v.contiguous() for k, v in finetuned.state_dict().items()}
         save_file(state, str(checkpoint))
         full_bytes = checkpoint.stat().st_size
+    head_bytes = sum(
+        t.numel() * t.element_size() for t in model.heads.heads["t"].state_dict().values()
+    )
+    mask_bytes = packed_size(model.num_masked, 1)
+    masked_weight_bytes = sum(t.numel for t in model.targets) * 4  # float32 weights they replace
     return {
         "masked_weights": model.num_masked,
         "task_file_bytes": task_bytes,
+        "mask_bytes": mask_bytes,
+        "head_bytes": head_bytes,
         "classifier_task_bytes": classifier_bytes,
         "finetuned_checkpoint_bytes": full_bytes,
         "finetuned_over_task": full_bytes / task_bytes,
+        "weights_over_masks": masked_weight_bytes / mask_bytes,
     }
 
 
@@ -280,6 +289,8 @@ def _row(name: str, r: dict[str, Any], batch: int) -> list[str]:
         f" = {switch['ratio_to_batch1_forward']:.2f}",
         f"{s['task_file_bytes'] / 2**20:.2f} MiB",
         f"{s['finetuned_over_task']:.1f}x",
+        f"{s['head_bytes'] / 2**20:.2f} / {s['mask_bytes'] / 2**20:.2f} MiB",
+        f"{s['weights_over_masks']:.1f}x",
     ]
 
 
@@ -295,6 +306,8 @@ def report_markdown(results: dict[str, Any], args) -> str:
         "switch / b1 forward (ms)",
         "task file",
         "ft ckpt / task",
+        "head / masks",
+        "masked weights / masks",
     ]
     rows = [header, ["---"] * len(header)]
     rows += [_row(name, r, args.batch_size) for name, r in results.items()]

@@ -84,9 +84,14 @@ class PiggybackConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PiggybackConfig:
-        """Inverse of `to_dict`; unknown keys are an error so typos do not pass silently."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown PiggybackConfig keys {unknown}; known keys: {sorted(names)}")
-        return cls(**data)
+        """Inverse of `to_dict`."""
+        return strict_from_dict(cls, data, "PiggybackConfig keys")
+
+
+def strict_from_dict(cls: type, data: dict[str, Any], what: str):
+    """Dataclass `cls` from `data`; unknown keys are an error so typos do not pass silently."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid: {sorted(names)}")
+    return cls(**data)

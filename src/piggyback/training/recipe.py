@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from piggyback.config import PiggybackConfig
+from piggyback.config import PiggybackConfig, strict_from_dict
 from piggyback.tasks import METHODS, check_task_name
 
 if sys.version_info >= (3, 11):
@@ -131,11 +131,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; valid options: {sorted(names)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "training options")
 
 
 #: Options that may differ when a run is resumed: they do not change its result.
