@@ -210,12 +210,16 @@ def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):
         train(changed, resume=True, log=quiet)
 
 
-def test_tensorboard_bf16_and_worker_processes(tiny_data, tiny_weights, tmp_path):
-    config = tiny_config(
-        tiny_data, tiny_weights, tmp_path / "m", epochs=1, precision="bf16", tensorboard=True
-    )
+@pytest.mark.parametrize("precision", ["bf16", "16-mixed"])
+def test_mixed_precision_runs(tiny_data, tiny_weights, tmp_path, precision):
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "m", epochs=1, precision=precision)
     result = train(config, log=quiet)
-    assert result.history[0]["train_loss"] > 0
+    assert result.history[0]["train_loss"] > 0 and result.test["images"] == 9
+
+
+def test_tensorboard_and_worker_processes(tiny_data, tiny_weights, tmp_path):
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "m", epochs=1, tensorboard=True)
+    result = train(config, log=quiet)
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     with_workers = [
         train(
