@@ -35,6 +35,7 @@ from environment import environment
 
 from piggyback.describe import describe_model_dir
 from piggyback.runtime import tune_allocator
+from piggyback.serialization import write_json_atomic
 from piggyback.training import TrainConfig, train
 from piggyback.training.run import CHECKPOINT
 
@@ -130,7 +131,7 @@ def run_once(config: TrainConfig, log_path: Path) -> dict[str, Any]:
     summary = json.loads(results.read_text())
     summary["wall_seconds"] = time.perf_counter() - start
     summary["history"] = result.history
-    results.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(results, summary)  # the skip test above must never read half a file
     return summary
 
 
@@ -280,6 +281,7 @@ def density_plot(model_dir: Path, task: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     tune_allocator()  # as the CLI does
+    started = environment()  # the code that runs, even if the checkout moves on meanwhile
     sets = datasets(args)
     for name, path in sets.items():
         if not path.is_dir():
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": rows,
         "selected": table,
         "order_check": order,
-        "environment": environment(),
+        "environment": started,
+        "finished": environment()["date"],
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     print(markdown_table(table, names))

@@ -69,6 +69,16 @@ def test_eval_prints_and_writes_json(trained_dir, tiny_data, tmp_path):
     assert result["top1"] == pytest.approx(saved["test_top1"])  # same task, same numbers
 
 
+def test_eval_refuses_a_dataset_with_other_classes(trained_dir, tmp_path):
+    from conftest import write_image_folder
+
+    other = write_image_folder(tmp_path / "four", {"train": 2, "test": 2}, classes=4)
+    args = ["eval", str(trained_dir), "--task", "colours", "--data", str(other)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "has 4 classes, but task 'colours' predicts 3" in result.output
+
+
 def test_predict_gives_class_names_with_probabilities(trained_dir, tiny_data):
     folder = tiny_data / "test" / "class_2"
     rows = json.loads(

@@ -10,7 +10,6 @@ from piggyback.masks import (
     codes_to_mask,
     init_scores,
     mask_to_codes,
-    scores_from_codes,
     threshold_scores,
 )
 
@@ -55,9 +54,6 @@ def test_codes_round_trip(kind):
     scores = torch.randn(100)
     mask = threshold_scores(scores, kind, 0.1)
     assert torch.equal(codes_to_mask(mask_to_codes(mask, kind), kind, torch.float32), mask)
-    config = PiggybackConfig(mask_kind=kind, threshold=0.1, init_value=0.2)
-    rebuilt = scores_from_codes(mask_to_codes(mask, kind), kind, config)
-    assert torch.equal(threshold_scores(rebuilt, kind, 0.1), mask)
 
 
 def test_init_scores_ones_and_uniform():

@@ -312,8 +312,64 @@ def test_uniform_init_is_seeded_per_task(tiny_cnn):
 
 def test_unload_gives_back_the_original_model(tiny_cnn, images):
     reference = copy.deepcopy(tiny_cnn)
+    tiny_cnn.train()
     model = PiggybackModel(tiny_cnn)
     model.add_task("a", 3)
+    model.set_task("a")
+    model.train()
+    assert not tiny_cnn.bn1.training  # frozen while wrapped
     backbone = model.unload()
     assert isinstance(backbone.fc, nn.Linear)
+    assert all(p.requires_grad for p in backbone.parameters())  # as before wrapping
+    assert backbone.bn1.training
+    backbone.eval()
     assert torch.equal(backbone(images), reference(images))
+
+
+def test_cache_follows_layout_and_dtype_changes_and_packed_tasks(tiny_cnn, images, tmp_path):
+    model = PiggybackModel(tiny_cnn)
+    model.add_task("a", 3, seed=0)
+    model.set_task("a")
+    train_steps(model, images)
+    with torch.no_grad():
+        expected = model(images)
+        model.to(memory_format=torch.channels_last)
+        assert model._cache is None  # new tensors: the cache was dropped
+        torch.testing.assert_close(model(images), expected)
+        model.double()
+        assert model(images.double()).dtype == torch.float64
+        model.float()
+    path = model.save_task(tmp_path / "a.safetensors")
+    model.load_task(path, name="b")
+    model.set_task("b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected)  # packed bits: the same weights
+        torch.testing.assert_close(model(images), expected)  # and from the cache
+
+
+def test_concurrent_forward_passes_do_not_mix_weights(tiny_cnn, images):
+    import threading
+
+    model = PiggybackModel(tiny_cnn)
+    model.add_task("a", 3, seed=0)
+    model.set_task("a")
+    train_steps(model, images)
+    original = {n: t.clone() for n, t in model.backbone_tensors().items()}
+    with torch.no_grad():
+        expected = model(images)
+    failures = []
+
+    def work():
+        for _ in range(30):
+            with torch.no_grad():
+                if not torch.equal(model(images), expected):
+                    failures.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    for name, tensor in model.backbone_tensors().items():
+        assert torch.equal(tensor, original[name]), name  # the frozen originals are back

@@ -7,7 +7,7 @@ import pytest
 from conftest import require_data
 
 from piggyback.training import TrainConfig, train
-from piggyback.training.run import _Run
+from piggyback.training.run import Run
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_piggyback_learns_flowers_quickly(tmp_path):
         workers=2,
         progress=False,
     ).resolve()
-    start = _Run(config, tmp_path / "start", tmp_path / "start-run", log=lambda _: None)
+    start = Run(config, tmp_path / "start", tmp_path / "start-run", log=lambda _: None)
     before = start.evaluate(start.loaders.val)["top1"]  # the untrained task, same seed
     result = train(config, log=print)
     assert result.val["top1"] > before + 10, (before, result.val["top1"])

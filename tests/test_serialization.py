@@ -63,7 +63,7 @@ def test_save_load_gives_bit_identical_outputs(tmp_path, images, kind, task_norm
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(images), expected)
-    assert fresh.task("t").is_frozen  # loaded as packed bits, not float scores
+    assert fresh.task("t").is_packed  # loaded as packed bits, not float scores
     assert fresh.mask_density("t") == model.mask_density("t")
 
 
@@ -109,7 +109,7 @@ def test_metadata_describes_the_task(tmp_path, images):
     assert meta["mask_kind"] == "binary" and meta["threshold"] == 5e-3
     assert meta["layers"] == [[t.name, list(t.shape)] for t in model.targets]
     assert meta["num_classes"] == 3 and meta["class_names"] == ["cat", "dog", "émeu"]
-    assert meta["backbone_fingerprint"] == model.fingerprint.lower()
+    assert meta["backbone_fingerprint"] == model.fingerprint
     assert meta["backbone_fingerprint"].startswith("sha256:")
 
 
@@ -160,7 +160,7 @@ def refuse(path: Path, error=TaskFileError, match: str = "", model: PiggybackMod
 
 def test_refuses_other_backbone_weights(saved):
     refuse(
-        saved, FingerprintMismatchError, r"learned on backbone weights sha256:", make_model(seed=7)
+        saved, FingerprintMismatchError, r"made for backbone weights sha256:", make_model(seed=7)
     )
 
 
@@ -186,7 +186,7 @@ def test_refuses_garbage_and_foreign_files(tmp_path):
     refuse(garbage, match="not a readable safetensors file")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(3)}, str(foreign))
-    refuse(foreign, match="not a piggyback task file")
+    refuse(foreign, match="it is not a piggyback task file")
     refuse(tmp_path / "missing.safetensors", match="no task file at")
 
 

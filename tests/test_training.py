@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from piggyback import PiggybackModel
+from piggyback import FingerprintMismatchError, PiggybackModel
 from piggyback.training import NonFiniteLossError, RunError, TrainConfig, train
 from piggyback.training import loop as loop_module
 from piggyback.training.checkpoint import read_checkpoint
@@ -62,37 +62,35 @@ def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_
     assert model.task("data").class_names == ["class_0", "class_1", "class_2"]
 
 
+@pytest.mark.parametrize("options", [{}, {"method": "finetune"}, {"task_norms": True}])
 def test_resume_after_interruption_matches_uninterrupted_run_bit_for_bit(
-    tiny_data, tiny_weights, tmp_path
+    tiny_data, tiny_weights, tmp_path, options
 ):
-    straight = train(tiny_config(tiny_data, tiny_weights, tmp_path / "a"), log=quiet)
+    # piggyback (Adam), finetune (SGD momentum, batch-norm buffers), task norms (own statistics)
+    straight = train(tiny_config(tiny_data, tiny_weights, tmp_path / "a", **options), log=quiet)
 
     def interrupt_after_first_epoch(line: str) -> None:
         if line.startswith("epoch   1/"):
             raise KeyboardInterrupt
 
-    config = tiny_config(tiny_data, tiny_weights, tmp_path / "b")
+    config = tiny_config(tiny_data, tiny_weights, tmp_path / "b", **options)
     with pytest.raises(KeyboardInterrupt):
         train(config, log=interrupt_after_first_epoch)
     assert read_checkpoint(tmp_path / "b/runs/data/checkpoint.safetensors")[0]["epoch"] == 1
     resumed = train(config, resume=True, log=quiet)
 
-    assert resumed.history == [
-        {
-            **r,
-            "images_per_second": resumed.history[i]["images_per_second"],
-            "seconds": resumed.history[i]["seconds"],
-        }
-        for i, r in enumerate(straight.history)
+    timing = ("images_per_second", "seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in straight.history
     ]
     a = load_file(straight.task_file)
     b = load_file(resumed.task_file)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks and head
-    scores_a = read_checkpoint(straight.run_dir / "checkpoint.safetensors")[1]
-    scores_b = read_checkpoint(resumed.run_dir / "checkpoint.safetensors")[1]
-    for key in scores_a:
-        if key.startswith("task/scores."):
-            assert torch.equal(scores_a[key], scores_b[key]), key
+    state_a = read_checkpoint(straight.run_dir / "checkpoint.safetensors")[1]
+    state_b = read_checkpoint(resumed.run_dir / "checkpoint.safetensors")[1]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:  # scores / weights / norms, head, optimizer moments, best task
+        assert torch.equal(state_a[key], state_b[key]), key
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
@@ -190,11 +188,54 @@ def test_model_directory_collects_tasks_and_refuses_mistakes(tiny_data, tiny_wei
         train(config, log=quiet)
     with pytest.raises(RunError, match="nothing to resume"):
         train(tiny_config(tiny_data, tiny_weights, output, task="new"), resume=True, log=quiet)
-    train(
-        tiny_config(tiny_data, tiny_weights, output, epochs=1, task="first"),
-        overwrite=True,
-        log=quiet,
-    )
+    again = tiny_config(tiny_data, tiny_weights, output, epochs=2, task="first", lr=1e-3)
+    result = train(again, overwrite=True, log=quiet)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    index = json.loads((output / "piggyback_config.json").read_text())["tasks"]
+    assert set(index) == {"first", "second"}
+
+
+def test_resume_after_an_interrupted_overwrite_continues_the_new_run(
+    tiny_data, tiny_weights, tmp_path
+):
+    output = tmp_path / "m"
+    train(tiny_config(tiny_data, tiny_weights, output, epochs=3), log=quiet)  # finished, old
+    new = tiny_config(tiny_data, tiny_weights, output, epochs=3, lr=1e-3)
+
+    def stop_after_first(line: str) -> None:
+        if line.startswith("epoch   1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(new, overwrite=True, log=stop_after_first)
+    meta, _ = read_checkpoint(output / "runs/data/checkpoint.safetensors")
+    assert meta["epoch"] == 1 and meta["config"]["lr"] == 1e-3  # the old run's state is gone
+    resumed = train(new, resume=True, log=quiet)
+    assert [r["lr"]["scores"] for r in resumed.history] == pytest.approx([1e-3, 1e-4, 1e-4])
+
+
+def test_resume_refuses_other_backbone_weights(tiny_data, tiny_weights, tmp_path):
+    import shutil
+
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(tiny_weights, weights)
+
+    def stop(line: str) -> None:
+        if line.startswith("epoch"):
+            raise KeyboardInterrupt
+
+    config = tiny_config(tiny_data, weights, tmp_path / "m")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=stop)
+    torch.manual_seed(99)  # the same file name, other weights
+    other = timm.create_model("test_efficientnet").state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(weights))
+    with pytest.raises(FingerprintMismatchError, match="was made for backbone weights"):
+        train(config, resume=True, log=quiet)
 
 
 def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):

@@ -43,8 +43,8 @@ def describe_model_dir(directory: str | Path) -> dict[str, Any]:
         "backbone": {
             "spec": backbone.get("spec") or {},
             "fingerprint": backbone["fingerprint"],
-            "head": backbone["head"],
-            "num_masked": backbone["num_masked"],
+            "head": backbone.get("head"),
+            "num_masked": backbone.get("num_masked"),
         },
         "config": config["config"],
         "masked_tensors": next(

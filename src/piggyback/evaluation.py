@@ -50,6 +50,12 @@ def evaluate_task(
     samples = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     if not samples:
         raise DataError(f"{data} has no {split} split")
+    outputs = _head_outputs(model, task)
+    if outputs != splits.num_classes:
+        raise DataError(
+            f"{data} has {splits.num_classes} classes, but task {task!r} predicts {outputs}: "
+            "evaluate it on the dataset it was trained for"
+        )
     if state.class_names is not None and list(state.class_names) != list(splits.class_names):
         raise DataError(
             f"the classes of {data} ({len(splits.class_names)}: {splits.class_names[:3]}...) are "
@@ -65,6 +71,12 @@ def evaluate_task(
     )
     metrics["per_class"] = dict(zip(splits.class_names, metrics["per_class"], strict=True))
     return {"task": task, "split": split, "data": str(data), **metrics}
+
+
+def _head_outputs(model: PiggybackModel, task: str) -> int:
+    """Number of classes a task's head predicts (its last weight's first dimension)."""
+    weights = [p for n, p in model.heads.heads[task].named_parameters() if n.endswith("weight")]
+    return int(weights[-1].shape[0])
 
 
 def format_evaluation(result: dict[str, Any], *, per_class: bool = True) -> str:

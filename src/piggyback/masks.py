@@ -86,9 +86,3 @@ def init_scores(
         return torch.full(shape, config.init_value, dtype=torch.float32)
     scores = torch.empty(shape, dtype=torch.float32)
     return scores.uniform_(-config.init_value, config.init_value, generator=generator)
-
-
-def scores_from_codes(codes: Tensor, kind: MaskKind, config: PiggybackConfig) -> Tensor:
-    """Scores that threshold back to exactly the given mask (to go on training a saved mask)."""
-    on = max(config.init_value, 2 * config.threshold, 1e-3)  # strictly above the threshold
-    return codes_to_mask(codes, kind, torch.float32) * on

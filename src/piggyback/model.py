@@ -11,6 +11,7 @@ plain backbone.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +31,10 @@ from piggyback.targets import (
     find_head,
     find_mask_targets,
     find_norm_tensors,
+    in_subtree,
     is_norm,
 )
 from piggyback.tasks import Method, TaskState, check_task_name
-
-
-def _in_subtree(name: str, root: str) -> bool:
-    return name == root or name.startswith(root + ".")
 
 
 def _version(tensor: Tensor) -> int:
@@ -77,11 +75,12 @@ class PiggybackModel(nn.Module):
             ) from error
         self.backbone_spec = dict(backbone_spec or {})
         self.fingerprint = fingerprint(
-            {n: t for n, t in backbone.state_dict().items() if not _in_subtree(n, self.head_name)}
+            {n: t for n, t in backbone.state_dict().items() if not in_subtree(n, self.head_name)}
         )
         self.targets: list[MaskTarget] = find_mask_targets(backbone, config, self.head_name)
         self.unmasked: list[str] = check_unmasked(backbone, config, self.head_name, self.targets)
         self.norm_names: list[str] = find_norm_tensors(backbone, self.head_name)
+        self._original_requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
         backbone.set_submodule(self.head_name, TaskHeads(original_head))
         self.backbone = backbone
@@ -89,11 +88,14 @@ class PiggybackModel(nn.Module):
         self._norm_modules = [
             m
             for n, m in backbone.named_modules()
-            if is_norm(m) and not _in_subtree(n, self.head_name)
+            if is_norm(m) and not in_subtree(n, self.head_name)
         ]
         self._active: str | None = None
         self._slots: dict[str, Slot] = {}
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        # Swapping tensors into the shared backbone is not safe from two threads at once; the
+        # lock makes concurrent forward passes wait instead of mixing each other's weights.
+        self._swap_lock = threading.RLock()
         self.train(backbone.training)
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -152,24 +154,24 @@ class PiggybackModel(nn.Module):
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         state = TaskState(name, method, num_classes=num_classes, class_names=class_names)
-        device = self._device()
+        device = self.device
         if method == "piggyback":
             state.init_scores(self.targets, self.config, seed, device)
         if method == "finetune":
-            state.copy_tensors(state.weights, self._backbone_tensors(exclude_head=True))
+            state.copy_tensors(state.weights, self.backbone_tensors(exclude_head=True))
         elif self.config.task_norms if task_norms is None else task_norms:
-            state.copy_tensors(state.norms, self._backbone_tensors(names=self.norm_names))
-        self._install(state, new_head(self.heads.original, num_classes, seed))
+            state.copy_tensors(state.norms, self.backbone_tensors(names=self.norm_names))
+        self.install_task(state, new_head(self.heads.original, num_classes, seed))
         return state
 
-    def _install(self, state: TaskState, head: nn.Module) -> None:
-        """Register a fully built task (used by add_task and by loading)."""
+    def install_task(self, state: TaskState, head: nn.Module) -> None:
+        """Register a fully built task and its head (add_task, loading files, checkpoints)."""
+        if state.task_name in self.task_states:
+            raise TaskError(f"task {state.task_name!r} already exists")
         self.task_states[state.task_name] = state
         self.heads.heads[state.task_name] = head
         state.requires_grad_(False)
         head.requires_grad_(False)
-        if self._active == state.task_name:
-            self.set_task(state.task_name)
 
     def set_task(self, name: str) -> None:
         """Make `name` the active task: the one forward() runs and the only one that trains."""
@@ -240,7 +242,7 @@ class PiggybackModel(nn.Module):
         state = self.task()
         names = state.swapped_names(self.targets)
         slots = [self._slot(n) for n in names]
-        with swapped(slots, self._task_tensors(state)):
+        with self._swap_lock, swapped(slots, self._task_tensors(state)):
             yield self.backbone
 
     def _slot(self, name: str) -> Slot:
@@ -278,10 +280,12 @@ class PiggybackModel(nn.Module):
 
     # -- inspection -----------------------------------------------------------------------------
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights are."""
         return next(self.backbone.parameters()).device
 
-    def _backbone_tensors(
+    def backbone_tensors(
         self, *, exclude_head: bool = False, names: list[str] | None = None
     ) -> dict[str, Tensor]:
         """Backbone parameters and buffers by name, as the original (frozen) tensors."""
@@ -289,9 +293,7 @@ class PiggybackModel(nn.Module):
         if names is not None:
             return {n: tensors[n] for n in names}
         return {
-            n: t
-            for n, t in tensors.items()
-            if not (exclude_head and _in_subtree(n, self.head_name))
+            n: t for n, t in tensors.items() if not (exclude_head and in_subtree(n, self.head_name))
         }
 
     def mask_density(self, task: str | None = None) -> dict[str, float]:
@@ -344,11 +346,19 @@ class PiggybackModel(nn.Module):
         return merged.eval()
 
     def unload(self) -> nn.Module:
-        """Give back the backbone with its original head, dropping every task."""
+        """Give back the backbone as it was: its own head, requires_grad flags and modes.
+
+        Every task is dropped; this model is unusable afterwards.
+        """
         self.backbone.set_submodule(self.head_name, self.heads.original)
         backbone = self.backbone
+        for name, param in backbone.named_parameters():
+            param.requires_grad_(self._original_requires_grad.get(name, True))
+        backbone.train(self.training)  # norm modules follow the model's mode again
         self.task_states = nn.ModuleDict()
         self._active = None
+        self._cache = None
+        self._slots = {}
         return backbone
 
     # -- files (see piggyback.serialization) ----------------------------------------------------

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from piggyback.data import ImageDataset, build_transforms, resize_size
+from piggyback.data import ImageDataset, resize_size, transforms_for
 from piggyback.errors import BackboneError, DataError, TaskError
 
 if TYPE_CHECKING:
@@ -128,14 +128,7 @@ def eval_transform(
 ) -> v2.Compose:
     """PIL image -> normalized tensor, as the task is evaluated (see `resolve_preprocess`)."""
     prep = resolve_preprocess(model, task, image_size=image_size, mean=mean, std=std)
-    return build_transforms(
-        prep["image_size"],
-        prep["mean"],
-        prep["std"],
-        train=False,
-        interpolation=prep["interpolation"],
-        resize=prep["resize_size"],
-    )
+    return transforms_for(prep, train=False)
 
 
 # -- finding images -----------------------------------------------------------------------------

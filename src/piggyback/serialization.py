@@ -135,10 +135,13 @@ def save_task(model: PiggybackModel, name: str, path: Path) -> Path:
 # -- task files: reading and checking -----------------------------------------------------------
 
 
-def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Metadata and tensors of a task file, after checks of the container, format and checksum."""
+def read_checked_safetensors(
+    path: Path, file_format: str, version: int, what: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """JSON metadata and tensors of one of our safetensors files (task file or checkpoint),
+    after checks of the container, the format and version, and the tensors' checksum."""
     if not path.is_file():
-        raise TaskFileError(f"no task file at {path}")
+        raise TaskFileError(f"no {what} at {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(_META_KEY)
@@ -148,14 +151,12 @@ def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
         ) from error
     if raw is None:
-        raise TaskFileError(
-            f"{path} has no '{_META_KEY}' metadata: it is not a piggyback task file"
-        )
+        raise TaskFileError(f"{path} has no '{_META_KEY}' metadata: it is not a piggyback {what}")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as error:
         raise TaskFileError(f"{path}: its metadata is not valid JSON ({error})") from error
-    _check_format(path, meta, TASK_FORMAT, TASK_FORMAT_VERSION)
+    _check_format(path, meta, file_format, version)
     found = fingerprint(tensors)
     if meta.get("checksum") != found:
         raise TaskFileError(
@@ -163,6 +164,11 @@ def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"the file says {meta.get('checksum')}"
         )
     return meta, tensors
+
+
+def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Metadata and tensors of a task file, checked (see `read_checked_safetensors`)."""
+    return read_checked_safetensors(path, TASK_FORMAT, TASK_FORMAT_VERSION, "task file")
 
 
 def _check_format(path: Path, meta: Any, expected: str, version: int) -> None:
@@ -177,13 +183,14 @@ def _check_format(path: Path, meta: Any, expected: str, version: int) -> None:
         )
 
 
-def _check_fingerprint(model: PiggybackModel, path: Path, meta: dict[str, Any]) -> None:
-    if meta.get("backbone_fingerprint") != model.fingerprint:
+def check_backbone(model: PiggybackModel, source: Path, found: Any, spec: Any = None) -> None:
+    """Refuse `source` (a file or directory) made for other backbone weights than `model`'s."""
+    if found != model.fingerprint:
         raise FingerprintMismatchError(
-            f"{path} was learned on backbone weights {meta.get('backbone_fingerprint')} "
-            f"(backbone {meta.get('backbone_spec') or 'unnamed'}), but this model's backbone is "
-            f"{model.fingerprint} (backbone {model.backbone_spec or 'unnamed'}). A mask only "
-            "works on the exact weights it was learned on: load it onto that backbone."
+            f"{source} was made for backbone weights {found} (backbone {spec or 'unnamed'}), "
+            f"but this model's backbone is {model.fingerprint} (backbone "
+            f"{model.backbone_spec or 'unnamed'}). A mask only works on the exact weights it "
+            "was learned on: use that backbone."
         )
 
 
@@ -278,11 +285,11 @@ def build_task_state(
     class_names = meta.get("class_names")
     state = TaskState(name, method, num_classes=meta.get("num_classes"), class_names=class_names)
     state.info = dict(meta.get("info") or {})
-    device = model._device()
+    device = model.device
     if method == "piggyback":
         _check_mask_settings(model, path, meta)
         state.set_packed_masks(_masks_tensor(model, path, tensors).to(device))
-    backbone = model._backbone_tensors(exclude_head=True)
+    backbone = model.backbone_tensors(exclude_head=True)
     norms = _take(tensors, "norm/")
     if norms:
         _check_named_tensors(path, "norm", norms, {n: backbone[n] for n in model.norm_names})
@@ -310,7 +317,7 @@ def load_task(
     """Check a task file completely, then add it to `model`; returns the task's name."""
     meta, tensors = read_task_file(path)
     if check_fingerprint:
-        _check_fingerprint(model, path, meta)
+        check_backbone(model, path, meta.get("backbone_fingerprint"), meta.get("backbone_spec"))
     name = name or meta.get("task")
     if not isinstance(name, str):
         raise TaskFileError(f"{path}: no task name in the file; pass name=...")
@@ -319,7 +326,7 @@ def load_task(
             f"task {name!r} already exists; delete_task({name!r}) or load it as another name"
         )
     state, head = build_task_state(model, path, meta, tensors, name)
-    model._install(state, head)
+    model.install_task(state, head)
     return name
 
 
@@ -355,20 +362,33 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TaskFileError(f"{path} is not valid JSON ({error})") from error
     _check_format(path, data, MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    backbone, tasks = data.get("backbone"), data.get("tasks")
+    well_formed = (
+        isinstance(data.get("config"), dict)
+        and isinstance(backbone, dict)
+        and isinstance(backbone.get("fingerprint"), str)
+        and isinstance(tasks, dict)
+        and all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in tasks.values())
+    )
+    if not well_formed:
+        raise TaskFileError(
+            f"{path} is malformed: expected 'config', 'backbone' (with 'fingerprint') and "
+            "'tasks' (each with a 'file') entries"
+        )
     return data
 
 
 def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | None) -> Path:
-    """Write task files, then the config that lists them; tasks saved earlier are kept."""
+    """Write task files, then the config that lists them; tasks saved earlier are kept.
+
+    Each file is written atomically, but the index is read, updated and rewritten: two processes
+    saving into one directory at the same moment can lose one of their index entries.
+    """
     names = model.tasks if tasks is None else tasks
     index: dict[str, dict[str, Any]] = {}
     if (directory / CONFIG_NAME).exists():
         existing = read_model_config(directory)
-        if existing["backbone"]["fingerprint"] != model.fingerprint:
-            raise FingerprintMismatchError(
-                f"{directory} holds tasks for backbone {existing['backbone']['fingerprint']}, "
-                f"not this model's {model.fingerprint}: save into another directory"
-            )
+        check_backbone(model, directory, existing["backbone"]["fingerprint"])
         if existing["config"] != model.config.to_dict():
             raise TaskFileError(
                 f"{directory} was saved with config {existing['config']}, this model has "
@@ -405,11 +425,8 @@ def from_pretrained(
 
         backbone = create_backbone_from_spec(spec).model
     model = PiggybackModel(backbone, PiggybackConfig.from_dict(data["config"]), backbone_spec=spec)
-    if check_fingerprint and data["backbone"]["fingerprint"] != model.fingerprint:
-        raise FingerprintMismatchError(
-            f"{directory} was saved for backbone weights {data['backbone']['fingerprint']}, "
-            f"the given backbone is {model.fingerprint}"
-        )
+    if check_fingerprint:
+        check_backbone(model, directory, data["backbone"]["fingerprint"], spec)
     names = list(data["tasks"]) if tasks is None else tasks
     for name in names:
         if name not in data["tasks"]:

@@ -48,7 +48,8 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def _in_subtree(name: str, root: str) -> bool:
+def in_subtree(name: str, root: str) -> bool:
+    """Whether dotted `name` is `root` or lies below it."""
     return name == root or name.startswith(root + ".")
 
 
@@ -78,7 +79,7 @@ def find_mask_targets(model: nn.Module, config: PiggybackConfig, head: str) -> l
     """Every tensor to mask, in module order, after the include / exclude patterns."""
     targets = []
     for module_name, module in model.named_modules():
-        if _in_subtree(module_name, head):
+        if in_subtree(module_name, head):
             continue
         if config.include and not _matches(module_name, config.include):
             continue
@@ -107,7 +108,7 @@ def find_norm_tensors(model: nn.Module, head: str) -> list[str]:
     """Dotted names of the parameters and buffers owned by normalization modules."""
     names = []
     for module_name, module in model.named_modules():
-        if _in_subtree(module_name, head) or not is_norm(module):
+        if in_subtree(module_name, head) or not is_norm(module):
             continue
         prefix = f"{module_name}." if module_name else ""
         names += [prefix + n for n, _ in module.named_parameters(recurse=False)]
@@ -122,7 +123,7 @@ def check_unmasked(
     masked = {t.name for t in targets}
     refused, unmasked = [], []
     for module_name, module in model.named_modules():
-        if _in_subtree(module_name, head) or is_norm(module):
+        if in_subtree(module_name, head) or is_norm(module):
             continue
         if _matches(module_name, config.exclude) or (
             config.include and not _matches(module_name, config.include)

@@ -124,8 +124,8 @@ class TaskState(nn.Module):
     # -- reading --------------------------------------------------------------------------------
 
     @property
-    def is_frozen(self) -> bool:
-        """A piggyback task whose masks were loaded from a file: only 0/1 bits, no scores."""
+    def is_packed(self) -> bool:
+        """A piggyback task loaded from a file: its masks are packed bits, it has no scores."""
         return self.method == "piggyback" and self.packed_masks is not None
 
     @property
@@ -135,7 +135,7 @@ class TaskState(nn.Module):
 
     def masks(self, targets: list[MaskTarget], config: PiggybackConfig) -> list[Tensor]:
         """The mask of every target (float32); differentiable when the task has scores."""
-        if self.is_frozen:
+        if self.is_packed:
             bits = BITS_PER_WEIGHT[config.mask_kind]
             total = sum(t.numel for t in targets)
             codes = unpack_codes(self.packed_masks, total, bits)
@@ -149,7 +149,7 @@ class TaskState(nn.Module):
 
     def packed(self, targets: list[MaskTarget], config: PiggybackConfig) -> Tensor:
         """All masks as one flat bit-packed uint8 tensor, in target order (ceil(P*bits/8) bytes)."""
-        if self.is_frozen:
+        if self.is_packed:
             return self.packed_masks
         with torch.no_grad():
             masks = self.masks(targets, config)
@@ -158,7 +158,7 @@ class TaskState(nn.Module):
 
     def mask_inputs(self) -> list[Tensor]:
         """The tensors the masks are computed from (to detect in-place changes)."""
-        if self.is_frozen:
+        if self.is_packed:
             return [self.packed_masks]
         return [t for _, t in self.scores.items()]
 

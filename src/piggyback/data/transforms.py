@@ -20,6 +20,18 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+def transforms_for(preprocess: dict, *, train: bool) -> v2.Compose:
+    """The transforms of a task's recorded preprocessing (`info["preprocess"]`, see training)."""
+    return build_transforms(
+        preprocess["image_size"],
+        preprocess["mean"],
+        preprocess["std"],
+        train=train,
+        interpolation=preprocess.get("interpolation", "bilinear"),
+        resize=preprocess.get("resize_size"),
+    )
+
+
 def build_transforms(
     image_size: int,
     mean: Sequence[float],

@@ -2,11 +2,12 @@
 
 from piggyback.training.loop import NonFiniteLossError, Precision, evaluate, train_one_epoch
 from piggyback.training.recipe import TrainConfig, merge_options, read_config_file
-from piggyback.training.run import RunError, RunResult, train
+from piggyback.training.run import Run, RunError, RunResult, train
 
 __all__ = [
     "NonFiniteLossError",
     "Precision",
+    "Run",
     "RunError",
     "RunResult",
     "TrainConfig",

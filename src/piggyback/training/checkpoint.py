@@ -16,19 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from piggyback.errors import TaskFileError
+from piggyback.errors import PiggybackError
 from piggyback.fingerprint import fingerprint
 from piggyback.model import PiggybackModel
-from piggyback.serialization import write_atomic
+from piggyback.serialization import check_backbone, read_checked_safetensors, write_atomic
 
 FORMAT = "piggyback-checkpoint"
 VERSION = 1
+
+
+class CheckpointMismatchError(PiggybackError, ValueError):
+    """A checkpoint's tensors or state do not fit the run being resumed."""
 
 
 @dataclass
@@ -96,6 +99,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": VERSION,
         "task": task,
+        "backbone_fingerprint": model.fingerprint,
         "epoch": run.epoch,
         "history": run.history,
         "best": run.best,
@@ -112,17 +116,7 @@ def save_checkpoint(
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Metadata and tensors of a checkpoint, refusing damaged or foreign files."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})["piggyback"])
-        tensors = load_file(str(path))
-    except Exception as error:
-        raise TaskFileError(f"cannot read checkpoint {path} (damaged?): {error}") from error
-    if meta.get("format") != FORMAT or meta.get("format_version") != VERSION:
-        raise TaskFileError(f"{path} is not a version-{VERSION} piggyback checkpoint")
-    if meta.get("checksum") != fingerprint(tensors):
-        raise TaskFileError(f"checkpoint {path} is corrupted (checksum mismatch)")
-    return meta, tensors
+    return read_checked_safetensors(path, FORMAT, VERSION, "checkpoint")
 
 
 def restore_checkpoint(
@@ -133,15 +127,25 @@ def restore_checkpoint(
     scheduler: LRScheduler,
     scaler: torch.amp.GradScaler,
 ) -> RunState:
-    """Put a checkpoint's state back into freshly built objects; returns where the run stands."""
+    """Put a checkpoint's state back into freshly built objects; returns where the run stands.
+
+    Refuses a checkpoint of another backbone or one that does not fit the run (e.g. the dataset
+    now has another number of classes) with a RunError that says so.
+    """
+    check_backbone(model, Path("the checkpoint"), meta.get("backbone_fingerprint"))
     task = meta["task"]
-    model.task(task).load_state_dict(_strip("task", tensors))
-    model.heads.heads[task].load_state_dict(_strip("head", tensors))
-    # load_state_dict moves the moments to each parameter's device (and keeps Adam's step on CPU).
-    optim = {f"optim/{k}": v for k, v in _strip("optim", tensors).items()}
-    optimizer.load_state_dict(_optimizer_state(meta["optimizer"], optim))
-    scheduler.load_state_dict(meta["scheduler"])
-    scaler.load_state_dict(meta["scaler"])
+    try:
+        model.task(task).load_state_dict(_strip("task", tensors))
+        model.heads.heads[task].load_state_dict(_strip("head", tensors))
+        # load_state_dict moves the moments to each parameter's device (Adam's step stays on CPU).
+        optim = {f"optim/{k}": v for k, v in _strip("optim", tensors).items()}
+        optimizer.load_state_dict(_optimizer_state(meta["optimizer"], optim))
+        scheduler.load_state_dict(meta["scheduler"])
+        scaler.load_state_dict(meta["scaler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit this run (was the data or the model changed?): {error}"
+        ) from error
     best_tensors = _strip("best", tensors)
     best_task = (meta["best_task_meta"], best_tensors) if meta["best_task_meta"] else None
     return RunState(meta["epoch"], meta["history"], meta["best"], best_task)

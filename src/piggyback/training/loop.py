@@ -94,7 +94,7 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item() * labels.numel()
+        total_loss += value * labels.numel()
         correct += int((logits.argmax(1) == labels).sum())
         seen += labels.numel()
         batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from piggyback.errors import PiggybackError
 from piggyback.serialization import write_atomic
 
 
@@ -38,7 +39,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise ImportError(
+                raise PiggybackError(
                     "--tensorboard needs the tensorboard package: "
                     "pip install 'piggyback[tensorboard]'"
                 ) from error

@@ -150,13 +150,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml", ".json"):
-        data = yaml.safe_load(text) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"config file {path} cannot be parsed: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     return {key.replace("-", "_"): value for key, value in data.items()}

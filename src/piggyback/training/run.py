@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from piggyback.backbones import Backbone, create_backbone
-from piggyback.data import DatasetSplits, ImageDataset, build_transforms, load_splits, resize_size
+from piggyback.data import DatasetSplits, ImageDataset, load_splits, resize_size, transforms_for
 from piggyback.errors import PiggybackError
 from piggyback.model import PiggybackModel
 from piggyback.serialization import (
@@ -48,7 +48,6 @@ from piggyback.training.optim import build_optimizer, build_scheduler
 from piggyback.training.recipe import (
     TrainConfig,
     config_differences,
-    read_config_file,
     write_config,
 )
 
@@ -143,26 +142,24 @@ class Loaders:
 def build_loaders(
     splits: DatasetSplits, preprocess: dict[str, Any], cfg: TrainConfig, processes: Processes
 ) -> Loaders:
-    size, mean, std = preprocess["image_size"], preprocess["mean"], preprocess["std"]
-    interpolation = preprocess["interpolation"]
-    train_tf = build_transforms(size, mean, std, train=True, interpolation=interpolation)
-    eval_tf = build_transforms(size, mean, std, train=False, interpolation=interpolation)
+    common = {"num_workers": cfg.workers, "pin_memory": torch.cuda.is_available()}
 
-    def dataset(samples, transform):
+    def dataset(samples, *, train: bool) -> ImageDataset:
+        # Cheap reduced-scale JPEG decoding for training images only: evaluation decodes in full,
+        # exactly as `piggyback eval`, `predict` and exported models will see the images.
         return ImageDataset(
             samples,
-            transform,
+            transforms_for(preprocess, train=train),
             class_names=splits.class_names,
             strict=cfg.strict,
-            draft_size=preprocess["resize_size"],
+            draft_size=preprocess["resize_size"] if train else None,
         )
 
     def evaluation(samples) -> DataLoader:
-        data = dataset(samples, eval_tf)
+        data = dataset(samples, train=False)
         return DataLoader(data, 2 * cfg.batch_size, sampler=Shard(len(data), processes), **common)
 
-    common = {"num_workers": cfg.workers, "pin_memory": torch.cuda.is_available()}
-    train_set = dataset(splits.train, train_tf)
+    train_set = dataset(splits.train, train=True)
     shuffle = EpochShuffle(len(train_set), processes)
     # A last batch of one image breaks batch norm in training mode: drop only that case.
     drop_last = len(shuffle) % cfg.batch_size == 1
@@ -174,26 +171,24 @@ def build_loaders(
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _run_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """The config to run with: the saved one when resuming (refusing changes that matter)."""
-    saved_path = run_dir / "config.yaml"
-    if not resume:
-        return cfg
+def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume with settings that would change the result of the interrupted run.
+
+    The settings are compared with those stored in the checkpoint itself, not with config.yaml,
+    so a checkpoint left by another run can never be continued by mistake.
+    """
     if not (run_dir / CHECKPOINT).exists():
         raise RunError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
-    saved = TrainConfig.from_dict(read_config_file(saved_path))
-    changed = config_differences(saved, cfg)
+    meta, _ = read_checkpoint(run_dir / CHECKPOINT)
+    changed = config_differences(TrainConfig.from_dict(meta["config"]), cfg)
     if changed:
         raise RunError(
             f"--resume with other settings than the interrupted run (saved, asked): {changed}; "
             "resume with the same options, or start a new run with --overwrite"
         )
-    return cfg
 
 
-def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path, resume: bool) -> None:
-    if resume:
-        return
+def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> None:
     if task_file(model_dir, cfg.task).exists():
         raise RunError(
             f"task {cfg.task!r} already exists in {model_dir}; choose another --task, "
@@ -206,6 +201,12 @@ def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path, resume: b
         )
 
 
+def _clear_run(run_dir: Path) -> None:
+    """--overwrite: remove what a previous run of this task left, so nothing of it is resumed."""
+    for name in (CHECKPOINT, "metrics.jsonl", "metrics.csv", "results.json", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -213,18 +214,26 @@ def train(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Learn one task on a dataset and add it to the model directory `config.output`."""
+    """Learn one task on a dataset and add it to the model directory `config.output`.
+
+    `resume` continues the interrupted run of this task from its checkpoint; `overwrite` starts
+    the task afresh, replacing a finished or unfinished earlier run of it.
+    """
     cfg = config.resolve()
     model_dir = Path(cfg.output)
     run_dir = model_dir / "runs" / cfg.task
     processes, device = start(resolve_device(cfg.device))
     try:
-        if not overwrite:
-            _check_can_start(cfg, model_dir, run_dir, resume)
-        cfg = _run_config(cfg, run_dir, resume)
+        if resume:
+            _check_resumable(cfg, run_dir)
+        elif not overwrite:
+            _check_can_start(cfg, model_dir, run_dir)
+        processes.barrier()  # every process has checked before the first one changes anything
         if processes.is_main:
+            if overwrite and not resume:
+                _clear_run(run_dir)
             write_config(cfg, run_dir / "config.yaml")
-        run = _Run(cfg, model_dir, run_dir, log, processes=processes, device=device)
+        run = Run(cfg, model_dir, run_dir, log, processes=processes, device=device)
         if resume:
             run.resume()
         return run.fit()
@@ -236,7 +245,7 @@ def _silent(_: str) -> None:
     pass
 
 
-class _Run:
+class Run:
     """The objects of one run and the steps between them."""
 
     def __init__(
@@ -332,6 +341,16 @@ class _Run:
             self.checkpoint, self.model, self.cfg.task, *parts, self.state, self.cfg.to_dict()
         )
 
+    def _share_task_buffers(self) -> None:
+        """Process 0's task buffers (e.g. batch-norm statistics) for every process.
+
+        DDP keeps parameters equal, but running statistics follow each process's own batches;
+        evaluating and saving must all use one model.
+        """
+        if self.processes.distributed:
+            for buffer in self.model.task(self.cfg.task).buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def _reduce(self):
         return self.processes.sum if self.processes.distributed else None
 
@@ -363,6 +382,7 @@ class _Run:
             description=f"epoch {epoch + 1}/{cfg.epochs}",
             reduce=self._reduce(),
         )
+        self._share_task_buffers()
         val = self.evaluate(self.loaders.val)
         self.scheduler.step()
         record = {
@@ -389,8 +409,9 @@ class _Run:
         cfg, model = self.cfg, self.model
         meta, tensors = self.state.best_task
         model.delete_task(cfg.task)
-        task_state, head = build_task_state(model, self.checkpoint, meta, tensors, cfg.task)
-        model._install(task_state, head)
+        source = Path(f"{self.checkpoint} (best epoch)")
+        task_state, head = build_task_state(model, source, meta, tensors, cfg.task)
+        model.install_task(task_state, head)
         model.set_task(cfg.task)
         self._place_model()
         val = self.evaluate(self.loaders.val)
