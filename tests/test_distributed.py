@@ -10,11 +10,13 @@ import sys
 import pytest
 
 from piggyback import PiggybackModel
+from piggyback.evaluation import evaluate_task
 
 pytestmark = pytest.mark.slow
 
 
-def test_torchrun_two_processes_train_one_task(tiny_data, tiny_weights, tmp_path):
+@pytest.mark.parametrize("method", ["piggyback", "finetune"])
+def test_torchrun_two_processes_train_one_task(tiny_data, tiny_weights, tmp_path, method):
     output = tmp_path / "model"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -22,7 +24,7 @@ def test_torchrun_two_processes_train_one_task(tiny_data, tiny_weights, tmp_path
         "--data", str(tiny_data), "--task", "colours", "--output", str(output),
         "--backbone", "timm:test_efficientnet", "--weights", str(tiny_weights),
         "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--lr", "1e-2",
-        "--workers", "0", "--device", "cpu", "--no-progress",
+        "--workers", "0", "--device", "cpu", "--no-progress", "--method", method,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -33,3 +35,7 @@ def test_torchrun_two_processes_train_one_task(tiny_data, tiny_weights, tmp_path
     assert results["val"]["images"] == 9 and results["test"]["images"] == 9  # shards summed
     model = PiggybackModel.from_pretrained(output, tasks=["colours"])
     assert model.task("colours").info["results"]["test_top1"] == results["test_top1"]
+    # The sharded evaluation of both processes equals one process evaluating the saved task:
+    # they all held process 0's weights and batch-norm statistics.
+    alone = evaluate_task(output, "colours", tiny_data, split="val", workers=0, progress=False)
+    assert alone["loss"] == pytest.approx(results["val"]["loss"], rel=1e-5)
