@@ -204,6 +204,13 @@ def test_refuses_newer_format_version(saved, tmp_path):
     refuse(newer, match=r"format version 99 is not supported.*reads versions 1 to 1")
 
 
+def test_refuses_a_file_without_backbone_fingerprint(saved, tmp_path):
+    unmarked = rewrite_metadata(
+        saved, tmp_path / "nofp.safetensors", lambda m: m.pop("backbone_fingerprint")
+    )
+    refuse(unmarked, FingerprintMismatchError, match="records no backbone fingerprint")
+
+
 def test_refuses_mismatched_layer_names_and_shapes(saved, tmp_path):
     def rename(meta):
         meta["layers"][1][0] = "renamed.weight"

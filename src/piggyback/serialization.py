@@ -185,6 +185,12 @@ def _check_format(path: Path, meta: Any, expected: str, version: int) -> None:
 
 def check_backbone(model: PiggybackModel, source: Path, found: Any, spec: Any = None) -> None:
     """Refuse `source` (a file or directory) made for other backbone weights than `model`'s."""
+    if found is None:
+        raise FingerprintMismatchError(
+            f"{source} records no backbone fingerprint, so it cannot be matched to this "
+            "backbone: it is damaged or was written by a development version of piggyback. "
+            "Make it again (for a training run: start over with --overwrite)."
+        )
     if found != model.fingerprint:
         raise FingerprintMismatchError(
             f"{source} was made for backbone weights {found} (backbone {spec or 'unnamed'}), "
