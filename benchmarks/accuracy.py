@@ -241,7 +241,7 @@ def markdown_table(table, names: list[str]) -> str:
 
 
 def bar_chart(table, names: list[str], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(names), 4))
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(names), 4.6))
     width = 0.13
     for i, (method, kind) in enumerate(itertools.product(METHODS, ("paper", "tuned"))):
         values = [table[method][n][kind]["test_top1"] for n in names]
@@ -257,7 +257,7 @@ def bar_chart(table, names: list[str], path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3, loc="lower center")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # off the bars
     ax.set_title("Test top-1, selected on validation")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
