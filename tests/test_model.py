@@ -26,6 +26,16 @@ def train_steps(model: PiggybackModel, images: torch.Tensor, steps: int = 3, lr:
     model.eval()
 
 
+def add_trained_task(
+    model: PiggybackModel, images: torch.Tensor, name: str = "t", seed: int = 0, **task_kwargs
+) -> PiggybackModel:
+    """Add a 3-class task `name`, set it and train it a few steps; returns the model."""
+    model.add_task(name, 3, seed=seed, **task_kwargs)
+    model.set_task(name)
+    train_steps(model, images)
+    return model
+
+
 def backbone_state(model: PiggybackModel) -> dict[str, torch.Tensor]:
     """Every original backbone tensor (head wrapper excluded), cloned."""
     return {
@@ -64,10 +74,7 @@ def test_conv1d_conv3d_are_masked_and_exact():
 
 
 def test_training_b_leaves_task_a_and_backbone_bit_identical(tiny_cnn, images):
-    model = PiggybackModel(tiny_cnn)
-    model.add_task("a", 3, seed=1)
-    model.set_task("a")
-    train_steps(model, images)
+    model = add_trained_task(PiggybackModel(tiny_cnn), images, "a", seed=1)
     with torch.no_grad():
         before_a = model(images)
     backbone_before = backbone_state(model)
@@ -234,10 +241,7 @@ def test_merge_matches_and_holds_no_piggyback_class(tiny_transformer, images, me
 
 
 def test_merged_model_exports_with_torch_export(tiny_cnn, images):
-    model = PiggybackModel(tiny_cnn)
-    model.add_task("t", 3, seed=0)
-    model.set_task("t")
-    train_steps(model, images)
+    model = add_trained_task(PiggybackModel(tiny_cnn), images)
     merged = model.merge()
     exported = torch.export.export(merged, (images,))
     with torch.no_grad():
@@ -327,10 +331,7 @@ def test_unload_gives_back_the_original_model(tiny_cnn, images):
 
 
 def test_cache_follows_layout_and_dtype_changes_and_packed_tasks(tiny_cnn, images, tmp_path):
-    model = PiggybackModel(tiny_cnn)
-    model.add_task("a", 3, seed=0)
-    model.set_task("a")
-    train_steps(model, images)
+    model = add_trained_task(PiggybackModel(tiny_cnn), images, "a")
     with torch.no_grad():
         expected = model(images)
         model.to(memory_format=torch.channels_last)
@@ -350,10 +351,7 @@ def test_cache_follows_layout_and_dtype_changes_and_packed_tasks(tiny_cnn, image
 def test_concurrent_forward_passes_do_not_mix_weights(tiny_cnn, images):
     import threading
 
-    model = PiggybackModel(tiny_cnn)
-    model.add_task("a", 3, seed=0)
-    model.set_task("a")
-    train_steps(model, images)
+    model = add_trained_task(PiggybackModel(tiny_cnn), images, "a")
     original = {n: t.clone() for n, t in model.backbone_tensors().items()}
     with torch.no_grad():
         expected = model(images)

@@ -13,7 +13,7 @@ from conftest import TinyCNN, randomize_norms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_model import train_steps
+from test_model import add_trained_task
 
 from piggyback import (
     FingerprintMismatchError,
@@ -31,11 +31,7 @@ def make_model(config: PiggybackConfig | None = None, seed: int = 0) -> Piggybac
 
 
 def trained(images, config=None, **task_kwargs) -> PiggybackModel:
-    model = make_model(config)
-    model.add_task("t", 3, seed=0, **task_kwargs)
-    model.set_task("t")
-    train_steps(model, images)
-    return model
+    return add_trained_task(make_model(config), images, **task_kwargs)
 
 
 def model_snapshot(model: PiggybackModel):

@@ -37,6 +37,12 @@ def quiet(_: str) -> None:
     pass
 
 
+def interrupt_after_first_epoch(line: str) -> None:
+    """A training log that stops the run like Ctrl-C once the first epoch is reported."""
+    if line.startswith("epoch   1/"):
+        raise KeyboardInterrupt
+
+
 def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_weights, tmp_path):
     result = train(tiny_config(tiny_data, tiny_weights, tmp_path / "model"), log=quiet)
     history = result.history
@@ -68,10 +74,6 @@ def test_resume_after_interruption_matches_uninterrupted_run_bit_for_bit(
 ):
     # piggyback (Adam), finetune (SGD momentum, batch-norm buffers), task norms (own statistics)
     straight = train(tiny_config(tiny_data, tiny_weights, tmp_path / "a", **options), log=quiet)
-
-    def interrupt_after_first_epoch(line: str) -> None:
-        if line.startswith("epoch   1/"):
-            raise KeyboardInterrupt
 
     config = tiny_config(tiny_data, tiny_weights, tmp_path / "b", **options)
     with pytest.raises(KeyboardInterrupt):
@@ -203,12 +205,8 @@ def test_resume_after_an_interrupted_overwrite_continues_the_new_run(
     train(tiny_config(tiny_data, tiny_weights, output, epochs=3), log=quiet)  # finished, old
     new = tiny_config(tiny_data, tiny_weights, output, epochs=3, lr=1e-3)
 
-    def stop_after_first(line: str) -> None:
-        if line.startswith("epoch   1/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(new, overwrite=True, log=stop_after_first)
+        train(new, overwrite=True, log=interrupt_after_first_epoch)
     meta, _ = read_checkpoint(output / "runs/data/checkpoint.safetensors")
     assert meta["epoch"] == 1 and meta["config"]["lr"] == 1e-3  # the old run's state is gone
     resumed = train(new, resume=True, log=quiet)
@@ -224,13 +222,9 @@ def test_resume_refuses_other_backbone_weights(tiny_data, tiny_weights, tmp_path
     weights = tmp_path / "w.safetensors"
     shutil.copy(tiny_weights, weights)
 
-    def stop(line: str) -> None:
-        if line.startswith("epoch"):
-            raise KeyboardInterrupt
-
     config = tiny_config(tiny_data, weights, tmp_path / "m")
     with pytest.raises(KeyboardInterrupt):
-        train(config, log=stop)
+        train(config, log=interrupt_after_first_epoch)
     torch.manual_seed(99)  # the same file name, other weights
     other = timm.create_model("test_efficientnet").state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, str(weights))
@@ -239,13 +233,9 @@ def test_resume_refuses_other_backbone_weights(tiny_data, tiny_weights, tmp_path
 
 
 def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):
-    def stop(line: str) -> None:
-        if line.startswith("epoch"):
-            raise KeyboardInterrupt
-
     config = tiny_config(tiny_data, tiny_weights, tmp_path / "m")
     with pytest.raises(KeyboardInterrupt):
-        train(config, log=stop)
+        train(config, log=interrupt_after_first_epoch)
     changed = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=0.5)
     with pytest.raises(RunError, match=r"other settings than the interrupted run.*'lr'"):
         train(changed, resume=True, log=quiet)
