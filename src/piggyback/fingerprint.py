@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 
-def tensor_bytes(tensor: Tensor) -> bytes:
-    """The raw bytes of a tensor in C order (works for every dtype, bfloat16 included)."""
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """The raw bytes of a tensor in C order (every dtype, bfloat16 included), without a copy
+    when the tensor is already a contiguous CPU tensor: the backbone is hashed on every load."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def fingerprint(tensors: Mapping[str, Tensor]) -> str:

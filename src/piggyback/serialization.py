@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import piggyback
@@ -143,9 +143,9 @@ def read_checked_safetensors(
     if not path.is_file():
         raise TaskFileError(f"no {what} at {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one open, one header parse
             raw = (handle.metadata() or {}).get(_META_KEY)
-        tensors = load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises several types for truncated / garbled files
         raise TaskFileError(
             f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
