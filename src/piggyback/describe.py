@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from piggyback.errors import TaskFileError
+from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.packing import unpack_codes
 from piggyback.serialization import read_model_config, read_task_file
 
@@ -72,7 +73,7 @@ def _describe_task(path: Path, entry: dict[str, Any], fingerprint: str) -> dict[
         "mask_kind": meta.get("mask_kind"),
         "bits_per_weight": meta.get("bits_per_weight", 0),
         "masked_tensors": len(layers),
-        "density": _overall(density, layers),
+        "density": None if density is None else weighted_fraction_on(density, dict(layers)),
         "layer_density": density,
         "task_norms": len(meta.get("norms") or []),
         "fingerprint_matches": meta.get("backbone_fingerprint") == fingerprint,
@@ -89,18 +90,10 @@ def _layer_density(
         return None
     sizes = [count for _, count in layers]
     codes = unpack_codes(tensors["masks"], sum(sizes), int(meta["bits_per_weight"]))
-    # The very expression of PiggybackModel.mask_density (float32 mean), so the values agree.
     return {
-        name: float((chunk != 0).float().mean())
+        name: fraction_on(chunk)
         for (name, _), chunk in zip(layers, codes.split(sizes), strict=True)
     }
-
-
-def _overall(density: dict[str, float] | None, layers: list[tuple[str, int]]) -> float | None:
-    if density is None:
-        return None
-    total = sum(count for _, count in layers)
-    return sum(density[name] * count for name, count in layers) / total
 
 
 # -- text -----------------------------------------------------------------------------------------

@@ -86,3 +86,16 @@ def init_scores(
         return torch.full(shape, config.init_value, dtype=torch.float32)
     scores = torch.empty(shape, dtype=torch.float32)
     return scores.uniform_(-config.init_value, config.init_value, generator=generator)
+
+
+def fraction_on(mask: Tensor) -> float:
+    """Fraction of a mask's entries that are on (non-zero), as a float32 mean.
+
+    The one definition used by the model and by `piggyback info`, so their figures agree exactly.
+    """
+    return float((mask != 0).float().mean())
+
+
+def weighted_fraction_on(density: dict[str, float], sizes: dict[str, int]) -> float:
+    """Fraction of all masked weights left on: per-tensor densities weighted by tensor size."""
+    return sum(density[name] * size for name, size in sizes.items()) / sum(sizes.values())

@@ -24,6 +24,7 @@ from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError, UnsupportedModelError
 from piggyback.fingerprint import fingerprint
 from piggyback.heads import TaskHeads, new_head
+from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.swap import Slot, swapped
 from piggyback.targets import (
     MaskTarget,
@@ -303,18 +304,14 @@ class PiggybackModel(nn.Module):
             return {}
         with torch.no_grad():
             masks = state.masks(self.targets, self.config)
-            return {
-                t.name: float((m != 0).float().mean())
-                for t, m in zip(self.targets, masks, strict=True)
-            }
+            return {t.name: fraction_on(m) for t, m in zip(self.targets, masks, strict=True)}
 
     def overall_density(self, task: str | None = None) -> float | None:
         """Fraction of masked weights left on, over all masked tensors."""
         density = self.mask_density(task)
         if not density:
             return None
-        total = sum(t.numel for t in self.targets)
-        return sum(density[t.name] * t.numel for t in self.targets) / total
+        return weighted_fraction_on(density, {t.name: t.numel for t in self.targets})
 
     @property
     def num_masked(self) -> int:
