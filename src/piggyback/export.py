@@ -68,7 +68,7 @@ def export_task(
     left unchanged.
     """
     names = _check_formats(formats)
-    model.task(task)  # an unknown task fails here, before anything is computed or written
+    # resolve_preprocess refuses an unknown task, before anything is computed or written.
     preprocess = resolve_preprocess(model, task, image_size=image_size, mean=mean, std=std)
     merged = model.merge(task).cpu().eval()
     example = _example_input(preprocess["image_size"], batch=2 if dynamic_batch else 1)
