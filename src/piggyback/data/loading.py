@@ -6,10 +6,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from piggyback.data.listfiles import LIST_SUFFIXES, read_list_folder, read_lists
 from piggyback.data.sources import (
+    is_image_name,
     read_cars,
     read_classfolders,
     read_cub,
@@ -119,7 +118,7 @@ def _has_class_folders(root: Path) -> bool:
 
 
 def _is_image(entry: os.DirEntry) -> bool:
-    return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+    return entry.is_file() and is_image_name(entry.name)
 
 
 _DETECTORS: tuple[tuple[str, str, Callable[[Path], bool]], ...] = (

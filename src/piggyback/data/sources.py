@@ -108,9 +108,7 @@ def scan_class_folders(folder: Path, class_names: Sequence[str]) -> list[Sample]
             f"class folders {[str(folder / n) for n in unknown]} are not classes of the train split"
         )
     class_to_idx = {name: index_of[name] for name in found}
-    samples = make_dataset(
-        str(folder), class_to_idx, is_valid_file=_is_image_name, allow_empty=True
-    )
+    samples = make_dataset(str(folder), class_to_idx, is_valid_file=is_image_name, allow_empty=True)
     counts = Counter(label for _, label in samples)
     empty = [str(folder / name) for name in found if counts[index_of[name]] == 0]
     if empty:
@@ -118,7 +116,7 @@ def scan_class_folders(folder: Path, class_names: Sequence[str]) -> list[Sample]
     return [Sample(Path(path), label) for path, label in samples]
 
 
-def _is_image_name(path: str) -> bool:
+def is_image_name(path: str) -> bool:
     """An image by extension, skipping hidden files such as macOS's `._name.jpg` resource forks."""
     name = os.path.basename(path)
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
