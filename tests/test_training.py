@@ -190,8 +190,12 @@ def test_model_directory_collects_tasks_and_refuses_mistakes(tiny_data, tiny_wei
         train(config, log=quiet)
     with pytest.raises(RunError, match="nothing to resume"):
         train(tiny_config(tiny_data, tiny_weights, output, task="new"), resume=True, log=quiet)
+    old_events = output / "runs" / "first" / "tensorboard" / "events.old"
+    old_events.parent.mkdir()
+    old_events.write_text("the first run's TensorBoard events")
     again = tiny_config(tiny_data, tiny_weights, output, epochs=2, task="first", lr=1e-3)
     result = train(again, overwrite=True, log=quiet)
+    assert not old_events.exists()  # nothing of the old run mixes into the new one's logs
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert len((result.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     index = json.loads((output / "piggyback_config.json").read_text())["tasks"]

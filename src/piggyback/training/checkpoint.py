@@ -114,7 +114,11 @@ def save_checkpoint(
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+#: A checkpoint as read: its JSON metadata and its tensors.
+Checkpoint = tuple[dict[str, Any], dict[str, Tensor]]
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
     """Metadata and tensors of a checkpoint, refusing damaged or foreign files."""
     return read_checked_safetensors(path, FORMAT, VERSION, "checkpoint")
 

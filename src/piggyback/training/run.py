@@ -12,6 +12,7 @@ resumed from its last checkpoint ends bit-identical to an uninterrupted one (on 
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from piggyback.serialization import (
     write_json_atomic,
 )
 from piggyback.training.checkpoint import (
+    Checkpoint,
     RunState,
     read_checkpoint,
     restore_checkpoint,
@@ -171,21 +173,22 @@ def build_loaders(
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume with settings that would change the result of the interrupted run.
+def _resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Checkpoint:
+    """The checkpoint to resume from; refused if its settings would change the run's result.
 
     The settings are compared with those stored in the checkpoint itself, not with config.yaml,
     so a checkpoint left by another run can never be continued by mistake.
     """
     if not (run_dir / CHECKPOINT).exists():
         raise RunError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
-    meta, _ = read_checkpoint(run_dir / CHECKPOINT)
+    meta, tensors = read_checkpoint(run_dir / CHECKPOINT)
     changed = config_differences(TrainConfig.from_dict(meta["config"]), cfg)
     if changed:
         raise RunError(
             f"--resume with other settings than the interrupted run (saved, asked): {changed}; "
             "resume with the same options, or start a new run with --overwrite"
         )
+    return meta, tensors
 
 
 def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> None:
@@ -202,9 +205,10 @@ def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> None:
 
 
 def _clear_run(run_dir: Path) -> None:
-    """--overwrite: remove what a previous run of this task left, so nothing of it is resumed."""
-    for name in (CHECKPOINT, "metrics.jsonl", "metrics.csv", "results.json", "config.yaml"):
-        (run_dir / name).unlink(missing_ok=True)
+    """--overwrite: remove what a previous run of this task left (its whole run folder, logs and
+    TensorBoard events included), so nothing of it is resumed or mixed into the new run's logs."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def train(
@@ -224,9 +228,8 @@ def train(
     run_dir = model_dir / "runs" / cfg.task
     processes, device = start(resolve_device(cfg.device))
     try:
-        if resume:
-            _check_resumable(cfg, run_dir)
-        elif not overwrite:
+        checkpoint = _resumable_checkpoint(cfg, run_dir) if resume else None
+        if checkpoint is None and not overwrite:
             _check_can_start(cfg, model_dir, run_dir)
         processes.barrier()  # every process has checked before the first one changes anything
         if processes.is_main:
@@ -234,8 +237,8 @@ def train(
                 _clear_run(run_dir)
             write_config(cfg, run_dir / "config.yaml")
         run = Run(cfg, model_dir, run_dir, log, processes=processes, device=device)
-        if resume:
-            run.resume()
+        if checkpoint is not None:
+            run.resume(checkpoint)
         return run.fit()
     finally:
         stop(processes)
@@ -308,8 +311,9 @@ class Run:
         if self.cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    def resume(self) -> None:
-        meta, tensors = read_checkpoint(self.checkpoint)
+    def resume(self, checkpoint: Checkpoint | None = None) -> None:
+        """Continue from this run's checkpoint; `checkpoint` is it already read (read if None)."""
+        meta, tensors = checkpoint or read_checkpoint(self.checkpoint)
         parts = (self.model, self.optimizer, self.scheduler, self.scaler)
         self.state = restore_checkpoint(meta, tensors, *parts)
         self.log(f"resumed after epoch {self.state.epoch} from {self.checkpoint}")
