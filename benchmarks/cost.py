@@ -41,6 +41,7 @@ from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
 from piggyback.packing import packed_size
 from piggyback.runtime import tune_allocator
+from piggyback.training.loop import Precision
 
 METHODS = ("piggyback", "finetune", "classifier")
 NUM_CLASSES = 100
@@ -89,9 +90,7 @@ def build(name: str, method: str, device: torch.device):
 
 
 def autocast(args, device):
-    if args.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    return Precision(args.precision, device).autocast()  # as training applies --precision
 
 
 def make_step(model, optimizer, batch, labels, args, device):
@@ -261,7 +260,7 @@ def storage(name: str) -> dict[str, Any]:
         t.numel() * t.element_size() for t in model.heads.heads["t"].state_dict().values()
     )
     mask_bytes = packed_size(model.num_masked, 1)
-    masked_weight_bytes = sum(t.numel for t in model.targets) * 4  # float32 weights they replace
+    masked_weight_bytes = model.num_masked * 4  # the float32 weights the masks select
     return {
         "masked_weights": model.num_masked,
         "task_file_bytes": task_bytes,
