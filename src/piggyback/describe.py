@@ -87,7 +87,7 @@ def _layer_density(
     meta: dict[str, Any], tensors: dict[str, Tensor], layers: list[tuple[str, int]]
 ) -> dict[str, float] | None:
     """Fraction of non-zero mask entries per masked tensor; None without masks."""
-    if meta["method"] != "piggyback":
+    if "masks" not in tensors:  # a method without masks (classifier, finetune)
         return None
     sizes = [count for _, count in layers]
     codes = unpack_codes(tensors["masks"], sum(sizes), int(meta["bits_per_weight"]))
