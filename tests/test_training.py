@@ -64,6 +64,9 @@ def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_
     model = PiggybackModel.from_pretrained(tmp_path / "model", tasks=["data"])
     info = model.task("data").info
     assert info["preprocess"]["image_size"] == 32
+    # the backbone's own data config: test_efficientnet's crop_pct 0.95 and bicubic resizing
+    assert info["preprocess"]["resize_size"] == 33
+    assert info["preprocess"]["interpolation"] == "bicubic"
     assert info["results"]["test_top1"] == result.test["top1"]
     assert model.task("data").class_names == ["class_0", "class_1", "class_2"]
 

@@ -216,9 +216,9 @@ def predict(
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Top-k class names with probabilities for images, with a saved task."""
+    from piggyback.device import resolve_device
     from piggyback.model import PiggybackModel
     from piggyback.predict import predict as run_predict
-    from piggyback.training.run import resolve_device
 
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task])
     target = resolve_device(device)

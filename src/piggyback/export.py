@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import piggyback
 from piggyback.errors import PiggybackError
-from piggyback.predict import resolve_preprocess
+from piggyback.preprocess import resolve_preprocess
 from piggyback.serialization import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def export_task(
         image_size: the input side; default: the one the task was trained at.
         dynamic_batch: let the batch dimension vary (otherwise it is fixed to 1).
         mean, std: normalization for the sidecar, needed only when neither the task nor its
-            backbone records it (see `piggyback.predict.resolve_preprocess`).
+            backbone records it (see `piggyback.preprocess.task_preprocess`).
 
     Returns the path of every file written, by format, plus "json" for the sidecar. The model is
     left unchanged.

@@ -24,9 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from piggyback.backbones import Backbone, create_backbone
-from piggyback.data import DatasetSplits, ImageDataset, load_splits, resize_size, transforms_for
+from piggyback.data import DatasetSplits, ImageDataset, load_splits
+from piggyback.device import Precision, resolve_device
 from piggyback.errors import PiggybackError
+from piggyback.evaluation import evaluate
 from piggyback.model import PiggybackModel
+from piggyback.preprocess import Preprocess
 from piggyback.serialization import (
     CONFIG_NAME,
     build_task_state,
@@ -44,7 +47,7 @@ from piggyback.training.checkpoint import (
     save_checkpoint,
 )
 from piggyback.training.distributed import EpochShuffle, Processes, Shard, start, stop
-from piggyback.training.loop import NonFiniteLossError, Precision, evaluate, train_one_epoch
+from piggyback.training.loop import NonFiniteLossError, train_one_epoch
 from piggyback.training.metrics_log import MetricsLog, format_epoch
 from piggyback.training.optim import build_optimizer, build_scheduler
 from piggyback.training.recipe import (
@@ -76,7 +79,7 @@ class RunResult:
         return task_file(self.model_dir, self.task)
 
 
-# -- seeding and devices ------------------------------------------------------------------------
+# -- seeding ------------------------------------------------------------------------------------
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -90,27 +93,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 # -- model and data -----------------------------------------------------------------------------
-
-
-def preprocess_info(data_config: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The evaluation preprocessing a task is trained with (saved with the task)."""
-    return {
-        "image_size": image_size,
-        "resize_size": resize_size(image_size),
-        "mean": [float(v) for v in data_config["mean"]],
-        "std": [float(v) for v in data_config["std"]],
-        "interpolation": str(data_config.get("interpolation", "bilinear")),
-    }
 
 
 def prepare_model(cfg: TrainConfig, model_dir: Path) -> tuple[PiggybackModel, Backbone]:
@@ -142,7 +125,7 @@ class Loaders:
 
 
 def build_loaders(
-    splits: DatasetSplits, preprocess: dict[str, Any], cfg: TrainConfig, processes: Processes
+    splits: DatasetSplits, preprocess: Preprocess, cfg: TrainConfig, processes: Processes
 ) -> Loaders:
     common = {"num_workers": cfg.workers, "pin_memory": torch.cuda.is_available()}
 
@@ -151,10 +134,10 @@ def build_loaders(
         # exactly as `piggyback eval`, `predict` and exported models will see the images.
         return ImageDataset(
             samples,
-            transforms_for(preprocess, train=train),
+            preprocess.transform(train=train),
             class_names=splits.class_names,
             strict=cfg.strict,
-            draft_size=preprocess["resize_size"] if train else None,
+            draft_size=preprocess.resize_size if train else None,
         )
 
     def evaluation(samples) -> DataLoader:
@@ -285,7 +268,7 @@ class Run:
         )
         self.model.set_task(cfg.task)
         self._place_model()
-        self.preprocess = preprocess_info(backbone.data_config, cfg.image_size)
+        self.preprocess = Preprocess.from_data_config(backbone.data_config, cfg.image_size)
         self.loaders = build_loaders(self.splits, self.preprocess, cfg, processes)
         self.network = self.model  # what training calls: the model, or its DDP wrapper
         if processes.distributed:
@@ -430,7 +413,7 @@ class Run:
             "density": density,
         }
         task_state.info = {
-            "preprocess": self.preprocess,
+            "preprocess": self.preprocess.to_dict(),
             "results": summary,
             "training": {
                 "method": cfg.method,
