@@ -7,16 +7,19 @@ and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from piggyback.cli_signature import options_signature, parsed, with_signature
 from piggyback.errors import PiggybackError
+from piggyback.training.recipe import TrainConfig
 
 app = typer.Typer(
     name="piggyback",
@@ -47,115 +50,56 @@ def friendly_errors(command: Callable) -> Callable:
     return run
 
 
-def _decay_epochs(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise ValueError(f"--lr-decay-epochs takes comma-separated epochs, got {text!r}") from error
-
-
 Opt = typer.Option
 
-#: Help of the train options (kept apart so the signature stays readable).
-HELP = {
-    "data": "Dataset: ImageFolder root, list file/folder, or a paper dataset's official layout.",
-    "config": "YAML or TOML file of options; flags override it.",
-    "task": "Task name (default: the dataset folder's name).",
-    "output": "Model directory to create or add the task to (default: piggyback-model).",
-    "method": "piggyback | finetune | classifier (default: piggyback).",
-    "backbone": "efficientnet_lite0 (offline), timm:NAME or torchvision:NAME.",
-    "weights": "Local backbone state dict (.safetensors, or .pt/.pth loaded weights-only).",
-    "data_format": "auto | imagefolder | list | classfolders | cub | cars | flowers102 | "
-    "sketch | wikiart.",
-    "epochs": "(default: 30)",
-    "batch_size": "(default: 32)",
-    "image_size": "Crop size (default: 224); resize is 256/224 of it.",
-    "optimizer": "adam | sgd (default: adam for piggyback, sgd for the baselines).",
-    "lr": "Learning rate (default: 1e-4 piggyback, 1e-3 baselines).",
-    "lr_scores": "Learning rate of the mask scores (default: --lr).",
-    "lr_head": "Learning rate of the head (and task norms) (default: --lr).",
-    "momentum": "SGD momentum (default: 0.9).",
-    "weight_decay": "(default: 0)",
-    "lr_decay_epochs": "Epochs (comma-separated) where the lr is multiplied by --lr-decay-factor "
-    "(default: half the epochs; none for classifier).",
-    "lr_decay_factor": "(default: 0.1)",
-    "mask_kind": "binary | ternary (default: binary).",
-    "threshold": "(default: 5e-3)",
-    "init": "ones | uniform score initialisation (default: ones).",
-    "init_value": "(default: 1e-2)",
-    "task_norms": "Own normalization per task, trained (default: frozen).",
-    "val_fraction": "Share of train held out as val when the data has no val split (default: 0.1).",
-    "strict": "Fail on unreadable images instead of skipping them.",
-    "max_train_batches": "Stop each epoch after this many batches (quick runs).",
-    "seed": "(default: 0)",
-    "workers": "Data loading processes (default: 2).",
-    "device": "auto | cpu | cuda | cuda:N (default: auto).",
-    "precision": "32 | bf16 | 16-mixed (default: 32).",
-    "progress": "Progress bars.",
-    "channels_last": "Channels-last memory layout (faster convolutions) (default: on).",
-    "tensorboard": "Also log to TensorBoard.",
-    "download": "Download flowers102 / cars with torchvision when missing.",
-    "resume": "Continue the interrupted run of this task.",
-    "overwrite": "Train the task again, replacing it.",
-}
+#: `piggyback train`'s options: every TrainConfig field (help, flag and range declared there), the
+#: config file after --data, and the two ways to treat an earlier run of the task at the end.
+TRAIN_SIGNATURE = options_signature(
+    TrainConfig,
+    first=["data"],
+    before=[
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                Opt(
+                    help="YAML or TOML file of options (the keys are the flags' names); flags "
+                    "override it.",
+                    show_default=False,
+                    rich_help_panel="Run",
+                ),
+            ],
+        )
+    ],
+    after=[
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, Opt(f"--{name}", help=text, rich_help_panel="Run")],
+        )
+        for name, text in (
+            ("resume", "Continue the interrupted run of this task (learning rates may change)."),
+            ("overwrite", "Train the task again, replacing it."),
+        )
+    ],
+)
 
 
 @app.command()
+@with_signature(TRAIN_SIGNATURE)
 @friendly_errors
 def train(
-    data: Annotated[str | None, Opt(help=HELP["data"])] = None,
-    config: Annotated[Path | None, Opt(help=HELP["config"])] = None,
-    task: Annotated[str | None, Opt(help=HELP["task"])] = None,
-    output: Annotated[str | None, Opt(help=HELP["output"])] = None,
-    method: Annotated[str | None, Opt(help=HELP["method"])] = None,
-    backbone: Annotated[str | None, Opt(help=HELP["backbone"])] = None,
-    weights: Annotated[str | None, Opt(help=HELP["weights"])] = None,
-    data_format: Annotated[str | None, Opt(help=HELP["data_format"])] = None,
-    epochs: Annotated[int | None, Opt(help=HELP["epochs"])] = None,
-    batch_size: Annotated[int | None, Opt(help=HELP["batch_size"])] = None,
-    image_size: Annotated[int | None, Opt(help=HELP["image_size"])] = None,
-    optimizer: Annotated[str | None, Opt(help=HELP["optimizer"])] = None,
-    lr: Annotated[float | None, Opt(help=HELP["lr"])] = None,
-    lr_scores: Annotated[float | None, Opt(help=HELP["lr_scores"])] = None,
-    lr_head: Annotated[float | None, Opt(help=HELP["lr_head"])] = None,
-    momentum: Annotated[float | None, Opt(help=HELP["momentum"])] = None,
-    weight_decay: Annotated[float | None, Opt(help=HELP["weight_decay"])] = None,
-    lr_decay_epochs: Annotated[str | None, Opt(help=HELP["lr_decay_epochs"])] = None,
-    lr_decay_factor: Annotated[float | None, Opt(help=HELP["lr_decay_factor"])] = None,
-    mask_kind: Annotated[str | None, Opt(help=HELP["mask_kind"])] = None,
-    threshold: Annotated[float | None, Opt(help=HELP["threshold"])] = None,
-    init: Annotated[str | None, Opt(help=HELP["init"])] = None,
-    init_value: Annotated[float | None, Opt(help=HELP["init_value"])] = None,
-    task_norms: Annotated[
-        bool | None, Opt("--task-norms/--frozen-norms", help=HELP["task_norms"])
-    ] = None,
-    val_fraction: Annotated[float | None, Opt(help=HELP["val_fraction"])] = None,
-    strict: Annotated[bool | None, Opt("--strict", help=HELP["strict"])] = None,
-    max_train_batches: Annotated[int | None, Opt(help=HELP["max_train_batches"])] = None,
-    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
-    workers: Annotated[int | None, Opt(help=HELP["workers"])] = None,
-    device: Annotated[str | None, Opt(help=HELP["device"])] = None,
-    precision: Annotated[str | None, Opt(help=HELP["precision"])] = None,
-    progress: Annotated[bool | None, Opt("--progress/--no-progress", help=HELP["progress"])] = None,
-    channels_last: Annotated[
-        bool | None, Opt("--channels-last/--no-channels-last", help=HELP["channels_last"])
-    ] = None,
-    tensorboard: Annotated[bool | None, Opt("--tensorboard", help=HELP["tensorboard"])] = None,
-    download: Annotated[bool | None, Opt("--download", help=HELP["download"])] = None,
-    resume: Annotated[bool, Opt("--resume", help=HELP["resume"])] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help=HELP["overwrite"])] = False,
+    *, config: Path | None = None, resume: bool = False, overwrite: bool = False, **flags: Any
 ) -> None:
     """Learn one task on a dataset and save it into a model directory."""
-    options = dict(locals())  # every option, None where not given (first, before other names)
     from piggyback.training import merge_options, read_config_file
     from piggyback.training import train as run_training
 
-    flags = {k: v for k, v in options.items() if k not in ("config", "resume", "overwrite")}
-    flags["lr_decay_epochs"] = _decay_epochs(lr_decay_epochs)
     file_values = read_config_file(config) if config else {}
-    cfg = merge_options(file_values, flags)
+    cfg = merge_options(file_values, parsed(TrainConfig, flags), source=str(config))
     result = run_training(cfg, resume=resume, overwrite=overwrite, log=typer.echo)
     if result.test is not None:
         typer.echo(f"test top-1: {result.test['top1']:.2f}%")
@@ -172,8 +116,8 @@ def eval_command(
     output: Annotated[
         Path | None, Opt(help="JSON file (default: MODEL_DIR/runs/TASK/eval-SPLIT.json).")
     ] = None,
-    batch_size: Annotated[int, Opt()] = 64,
-    workers: Annotated[int, Opt()] = 2,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 64,
+    workers: Annotated[int, Opt(min=0, max=1024)] = 2,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt()] = "32",
     per_class: Annotated[
@@ -210,8 +154,8 @@ def predict(
     model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     task: Annotated[str, Opt(help="Task whose classes to predict.")],
-    top_k: Annotated[int, Opt(help="Classes per image.")] = 5,
-    batch_size: Annotated[int, Opt()] = 32,
+    top_k: Annotated[int, Opt(help="Classes per image.", min=1)] = 5,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 32,
     device: Annotated[str, Opt()] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
@@ -262,7 +206,9 @@ def export(
             help="onnx | torchscript | exported (torch.export .pt2); repeat for several.",
         ),
     ] = None,
-    image_size: Annotated[int | None, Opt(help="Example input size (default: the task's).")] = None,
+    image_size: Annotated[
+        int | None, Opt(help="Example input size (default: the task's).", min=8, max=4096)
+    ] = None,
 ) -> None:
     """A task merged into a plain model (no piggyback needed to run it), as ONNX / TorchScript."""
     from piggyback.export import export_task
