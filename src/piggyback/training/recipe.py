@@ -51,6 +51,13 @@ def parse_epochs(text: str) -> list[int]:
         raise ValueError(f"--lr-decay-epochs takes comma-separated epochs, got {text!r}") from error
 
 
+def learning_rate(help: str, *, default: str) -> Any:
+    """A learning-rate option: unset until `resolve()` picks the method's default."""
+    return option(
+        None, help, panel=OPTIMIZATION, low=0, low_open=True, high=MAX_LR, default_text=default
+    )
+
+
 @dataclass
 class TrainConfig:
     """One training run. None means "the method's default" until `resolve()` is called.
@@ -119,32 +126,10 @@ class TrainConfig:
         choices=OPTIMIZERS,
         default_text="adam for piggyback, sgd for the baselines",
     )
-    lr: float | None = option(
-        None,
-        "Learning rate.",
-        panel=OPTIMIZATION,
-        low=0,
-        low_open=True,
-        high=MAX_LR,
-        default_text="1e-4 piggyback, 1e-3 baselines",
-    )
-    lr_scores: float | None = option(
-        None,
-        "Learning rate of the mask scores.",
-        panel=OPTIMIZATION,
-        low=0,
-        low_open=True,
-        high=MAX_LR,
-        default_text="--lr",
-    )
-    lr_head: float | None = option(
-        None,
-        "Learning rate of the head (and task norms).",
-        panel=OPTIMIZATION,
-        low=0,
-        low_open=True,
-        high=MAX_LR,
-        default_text="--lr",
+    lr: float | None = learning_rate("Learning rate.", default="1e-4 piggyback, 1e-3 baselines")
+    lr_scores: float | None = learning_rate("Learning rate of the mask scores.", default="--lr")
+    lr_head: float | None = learning_rate(
+        "Learning rate of the head (and task norms).", default="--lr"
     )
     momentum: float = option(
         0.9, "SGD momentum.", panel=OPTIMIZATION, low=0, high=1, high_open=True
