@@ -7,6 +7,7 @@ and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import sys
@@ -35,15 +36,36 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: What to do about the file-system errors a user can fix.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space and run again (no file was left half-written)",
+    errno.EDQUOT: "free some space and run again (no file was left half-written)",
+    errno.EROFS: "choose an output on a writable file system",
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+}
+
+
+def _os_error_line(error: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` as 'No space left on device: x; <advice>'."""
+    where = f": {error.filename}" if error.filename else ""
+    text = f"{error.strerror}{where}" if error.strerror else str(error)
+    advice = _OS_ERROR_ADVICE.get(error.errno)
+    return f"{text}; {advice}" if advice else text
+
+
 def friendly_errors(command: Callable) -> Callable:
-    """Library errors and bad values as one readable line; Ctrl-C as a hint to resume."""
+    """Library errors, bad values and file-system failures as one readable line (exit 2);
+    Ctrl-C as a hint to resume."""
 
     @wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (PiggybackError, ValueError, FileNotFoundError) as error:
+        except (PiggybackError, ValueError) as error:
             _fail(str(error))
+        except OSError as error:
+            _fail(_os_error_line(error))
         except KeyboardInterrupt:
             _fail("interrupted; a training run continues from its last epoch with --resume", 130)
 
@@ -126,8 +148,10 @@ def eval_command(
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
     """Top-1, top-5 and per-class accuracy of a saved task on a dataset split (printed and JSON)."""
+    from piggyback.destination import check_writable_file
     from piggyback.evaluation import evaluate_task, format_evaluation
 
+    path = check_writable_file(output or model_dir / "runs" / task / f"eval-{split}.json")
     result = evaluate_task(
         model_dir,
         task,
@@ -140,7 +164,6 @@ def eval_command(
         precision=precision,
         progress=progress,
     )
-    path = output or model_dir / "runs" / task / f"eval-{split}.json"
     from piggyback.serialization import write_json_atomic
 
     write_json_atomic(path, result)
@@ -182,7 +205,11 @@ def info(
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Per-layer mask density.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Backbone, fingerprint, tasks, classes, bytes on disk and mask density of a model folder."""
+    """Backbone, fingerprint, tasks, classes, bytes on disk and mask density of a model folder.
+
+    Exits with status 1 when a task file is missing, damaged or made for other backbone weights
+    (each is named), so scripts can check a model directory with it.
+    """
     from piggyback.describe import describe_model_dir, format_description
 
     description = describe_model_dir(model_dir)
@@ -190,6 +217,20 @@ def info(
         typer.echo(json.dumps(description, indent=2, default=str))
     else:
         typer.echo(format_description(description, verbose=verbose))
+    problems = _task_problems(description["tasks"])
+    if problems:
+        _fail(f"{len(problems)} task(s) of {model_dir} cannot be used: {'; '.join(problems)}", 1)
+
+
+def _task_problems(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    """'name (why)' for each task that does not load: file missing or damaged, other backbone."""
+    problems = []
+    for name, task in tasks.items():
+        if task["error"]:
+            problems.append(f"{name} ({task['error']})")
+        elif not task["fingerprint_matches"]:
+            problems.append(f"{name} (made for other backbone weights than the directory's)")
+    return problems
 
 
 @app.command()
@@ -211,20 +252,33 @@ def export(
     ] = None,
 ) -> None:
     """A task merged into a plain model (no piggyback needed to run it), as ONNX / TorchScript."""
+    from piggyback.destination import check_writable_dir
     from piggyback.export import export_task
     from piggyback.model import PiggybackModel
 
+    destination = check_writable_dir(output or model_dir / "export", "the export")
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task])
     formats = tuple(format or ["onnx"])
-    written = export_task(
-        model, task, output or model_dir / "export", formats=formats, image_size=image_size
-    )
+    written = export_task(model, task, destination, formats=formats, image_size=image_size)
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from piggyback import __version__
+
+        typer.echo(f"piggyback {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: Annotated[
+        bool,
+        Opt("--version", callback=_print_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
     """Adapt one frozen pretrained network to many tasks by learning a binary mask per task."""
     from piggyback.runtime import tune_allocator
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,15 +245,25 @@ class TrainConfig:
         return strict_from_dict(cls, data, "training options")
 
 
-#: Options that may differ when a run is resumed: they do not change its result.
+#: Options that may differ when a run is resumed: they do not change its result...
 RESUMABLE_CHANGES = ("workers", "progress", "device", "tensorboard", "download", "channels_last")
+#: ... and those that do but may change on purpose (e.g. lowered after a NaN loss); a resumed run
+#: applies them from its next epoch and records the change in its metrics.
+LEARNING_RATES = ("lr", "lr_scores", "lr_head")
 
 
 def default_task_name(data: str) -> str:
-    """The dataset folder's name, made a valid task name ('flowers102', 'gtsrb', ...)."""
-    name = Path(data.rstrip("/")).name or "task"
-    cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in name).lstrip("-")
-    return cleaned[:64] or "task"
+    """The dataset folder's name made a valid task name: 'flowers102', 'données' -> 'donnees'.
+
+    Task names stay ASCII because they become file names and module keys on every system: accents
+    are dropped (Unicode NFKD splits 'é' into 'e' and a combining accent), every other character
+    becomes '_', and a name with no ASCII letter or digit left falls back to 'task'.
+    """
+    name = Path(os.path.abspath(os.path.expanduser(data))).name
+    decomposed = unicodedata.normalize("NFKD", name)
+    letters = "".join(c for c in decomposed if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", letters).lstrip("-")[:64]
+    return cleaned if re.search(r"[A-Za-z0-9]", cleaned) else "task"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -303,5 +316,5 @@ def config_differences(saved: TrainConfig, requested: TrainConfig) -> dict[str, 
     return {
         k: (a[k], b[k])
         for k in a
-        if k not in RESUMABLE_CHANGES and json.dumps(a[k]) != json.dumps(b[k])
+        if k not in (*RESUMABLE_CHANGES, *LEARNING_RATES) and json.dumps(a[k]) != json.dumps(b[k])
     }
