@@ -93,12 +93,12 @@ def train(
     backbone and the model directory have all been checked.
     """
     cfg = config.resolve()
-    if config.task is None:
-        log(f"task name {cfg.task!r} (from the dataset's folder name; --task to choose another)")
     model_dir = Path(cfg.output)
     run_dir = model_dir / "runs" / cfg.task
     check_writable_dir(model_dir, "the model")
     processes, device = start(resolve_device(cfg.device))
+    if config.task is None and processes.is_main:
+        log(f"task name {cfg.task!r} (from the dataset's folder name; --task to choose another)")
     try:
         checkpoint = resumable_checkpoint(cfg, run_dir) if resume else None
         if checkpoint is None and not overwrite:
