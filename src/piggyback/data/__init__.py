@@ -8,7 +8,7 @@ split through the transforms of `build_transforms`.
 from piggyback.data.dataset import ImageDataset, UnreadableImageWarning, load_rgb
 from piggyback.data.loading import DOWNLOADABLE, FORMATS, detect_format, load_splits
 from piggyback.data.splits import DatasetSplits, Sample, stratified_holdout
-from piggyback.data.transforms import build_transforms, resize_size, transforms_for
+from piggyback.data.transforms import build_transforms, resize_size
 
 __all__ = [
     "DOWNLOADABLE",
@@ -23,5 +23,4 @@ __all__ = [
     "load_splits",
     "resize_size",
     "stratified_holdout",
-    "transforms_for",
 ]
