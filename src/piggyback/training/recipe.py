@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from piggyback.config import PiggybackConfig, strict_from_dict
-from piggyback.data import FORMATS
+from piggyback.data.formats import FORMATS
 from piggyback.device import PRECISIONS
 from piggyback.options import check_option, flag_name, option, option_fields
 from piggyback.tasks import METHODS, check_task_name
