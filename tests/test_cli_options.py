@@ -140,3 +140,24 @@ def test_the_python_api_checks_the_same_ranges():
 def test_other_commands_refuse_out_of_range_counts(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_the_command_line_starts_without_the_data_and_training_stacks():
+    """Building train's flags from TrainConfig must not import torchvision, timm or scipy:
+    they made `piggyback --help`, `--version` and `info` 2.6x slower to start."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, piggyback.cli; "
+        "print([m for m in ('torchvision', 'timm', 'scipy', 'piggyback.training.run') "
+        "if m in sys.modules])"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

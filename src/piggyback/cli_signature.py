@@ -17,7 +17,7 @@ import typer
 
 from piggyback.options import Option, base_type, option_fields
 
-__all__ = ["options_signature", "with_signature"]
+__all__ = ["options_signature", "parsed", "with_signature"]
 
 
 def _help(field: dataclasses.Field, spec: Option, kind: Any) -> str:

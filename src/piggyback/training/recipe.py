@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from piggyback.config import PiggybackConfig, strict_from_dict
-from piggyback.data import FORMATS
+from piggyback.data.formats import FORMATS
 from piggyback.device import PRECISIONS
 from piggyback.mask_kinds import mask_kind_names
 from piggyback.methods import get_method, method_names
