@@ -16,10 +16,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import zip_longest
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -42,6 +43,8 @@ MODEL_FORMAT = "piggyback-model"
 MODEL_FORMAT_VERSION = 1
 CONFIG_NAME = "piggyback_config.json"
 TASKS_DIR = "tasks"
+LOCK_NAME = ".piggyback.lock"
+LOCK_TIMEOUT_S = 600  # a save takes seconds; minutes mean the other writer is stuck
 _META_KEY = "piggyback"
 
 
@@ -322,6 +325,17 @@ def load_task(
 ) -> str:
     """Check a task file completely, then add it to `model`; returns the task's name."""
     meta, tensors = read_task_file(path)
+    return _install_task(model, path, meta, tensors, name, check_fingerprint)
+
+
+def _install_task(
+    model: PiggybackModel,
+    path: Path,
+    meta: dict[str, Any],
+    tensors: dict[str, Tensor],
+    name: str | None,
+    check_fingerprint: bool,
+) -> str:
     if check_fingerprint:
         check_backbone(model, path, meta.get("backbone_fingerprint"), meta.get("backbone_spec"))
     name = name or meta.get("task")
@@ -341,6 +355,43 @@ def load_task(
 
 def task_file(directory: Path, name: str) -> Path:
     return directory / TASKS_DIR / f"{name}.safetensors"
+
+
+def indexed_task_path(directory: Path, name: str, entry: dict[str, Any]) -> Path:
+    """The file of index entry `name`, refused unless it lies inside `directory`.
+
+    An index is data, not code: an entry such as `../../other/tasks/x.safetensors`, an absolute
+    path or a symbolic link leading out of the directory would make a model load files it does
+    not own.
+    """
+    file = entry["file"]
+    where = f"{directory / CONFIG_NAME}: task {name!r} points to {file!r}"
+    relative = PurePosixPath(file.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(file).drive or ".." in relative.parts:
+        raise TaskFileError(
+            f"{where}, outside the model directory (absolute or with '..'); "
+            "task files must lie inside it"
+        )
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise TaskFileError(
+            f"{where}, a link out of the model directory; task files must lie inside it"
+        )
+    return path
+
+
+def read_indexed_task(
+    directory: Path, name: str, entry: dict[str, Any]
+) -> tuple[Path, dict[str, Any], dict[str, Tensor]]:
+    """Path, metadata and tensors of index entry `name`; the file must hold task `name`."""
+    path = indexed_task_path(directory, name, entry)
+    meta, tensors = read_task_file(path)
+    if meta.get("task") != name:
+        raise TaskFileError(
+            f"{path} holds task {meta.get('task')!r}, but the index {directory / CONFIG_NAME} "
+            f"lists it as {name!r}: the index was damaged or edited; restore it or remove the entry"
+        )
+    return path, meta, tensors
 
 
 def model_config(model: PiggybackModel, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -384,12 +435,42 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     return data
 
 
+@contextmanager
+def index_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s writer lock: one read-modify-write of its index at a time.
+
+    Without it, two processes adding tasks at once both read the old index and the second rename
+    drops the first one's entry. An OS lock (flock / LockFileEx, through `filelock`), released by
+    the system if its holder dies, so a killed writer never leaves the directory locked.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK_NAME, timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout as error:
+        raise TaskFileError(
+            f"another process has been writing to {directory} for {LOCK_TIMEOUT_S} s (it holds "
+            f"{directory / LOCK_NAME}): let it finish, or stop it"
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | None) -> Path:
     """Write task files, then the config that lists them; tasks saved earlier are kept.
 
-    Each file is written atomically, but the index is read, updated and rewritten: two processes
-    saving into one directory at the same moment can lose one of their index entries.
+    The whole update holds the directory's lock (`index_lock`), so processes saving tasks into one
+    directory at the same time all keep their index entries.
     """
+    with index_lock(directory):
+        return _save_pretrained_locked(model, directory, tasks)
+
+
+def _save_pretrained_locked(
+    model: PiggybackModel, directory: Path, tasks: list[str] | None
+) -> Path:
     names = model.tasks if tasks is None else tasks
     index: dict[str, dict[str, Any]] = {}
     if (directory / CONFIG_NAME).exists():
@@ -405,12 +486,19 @@ def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | N
         path = save_task(model, name, task_file(directory, name))
         state = model.task(name)
         index[name] = {
-            "file": str(path.relative_to(directory)),
+            "file": path.relative_to(directory).as_posix(),
             "method": state.method,
             "num_classes": state.num_classes,
         }
     write_json_atomic(directory / CONFIG_NAME, model_config(model, index))
     return directory
+
+
+def _config_of(directory: Path, data: dict[str, Any]) -> PiggybackConfig:
+    try:
+        return PiggybackConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as error:
+        raise TaskFileError(f"{directory / CONFIG_NAME}: invalid 'config' ({error})") from error
 
 
 def from_pretrained(
@@ -423,6 +511,7 @@ def from_pretrained(
     from piggyback.model import PiggybackModel
 
     data = read_model_config(directory)
+    config = _config_of(directory, data)
     spec = data["backbone"].get("spec") or {}
     if backbone is None:
         if not spec:
@@ -430,13 +519,13 @@ def from_pretrained(
         from piggyback.backbones import create_backbone_from_spec
 
         backbone = create_backbone_from_spec(spec).model
-    model = PiggybackModel(backbone, PiggybackConfig.from_dict(data["config"]), backbone_spec=spec)
+    model = PiggybackModel(backbone, config, backbone_spec=spec)
     if check_fingerprint:
         check_backbone(model, directory, data["backbone"]["fingerprint"], spec)
     names = list(data["tasks"]) if tasks is None else tasks
     for name in names:
         if name not in data["tasks"]:
             raise TaskError(f"{directory} has no task {name!r}; it has {list(data['tasks'])}")
-        entry = data["tasks"][name]
-        load_task(model, directory / entry["file"], name=name, check_fingerprint=check_fingerprint)
+        path, meta, tensors = read_indexed_task(directory, name, data["tasks"][name])
+        _install_task(model, path, meta, tensors, name, check_fingerprint)
     return model
