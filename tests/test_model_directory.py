@@ -17,13 +17,13 @@ from test_serialization import make_model, trained
 from typer.testing import CliRunner
 
 from piggyback import PiggybackModel, TaskFileError
-from piggyback import serialization as ser
+from piggyback import model_dir as md
 from piggyback.cli import app
 from piggyback.describe import describe_model_dir, format_description
 from piggyback.repair import repair_index, unindexed_task_files
 
 TESTS = Path(__file__).resolve().parent
-SRC = Path(ser.__file__).resolve().parents[1]  # the piggyback under test, for child processes
+SRC = Path(md.__file__).resolve().parents[1]  # the piggyback under test, for child processes
 
 
 @pytest.fixture
@@ -35,10 +35,11 @@ def model_dir(tmp_path, images) -> Path:
 
 
 def edit_index(directory: Path, edit) -> None:
-    path = directory / ser.CONFIG_NAME
+    """Change the index as someone crafting it would: with a matching checksum."""
+    path = directory / md.CONFIG_NAME
     config = json.loads(path.read_text())
-    edit(config["tasks"])
-    path.write_text(json.dumps(config))
+    edit(config)
+    path.write_text(json.dumps(md.sealed(config)))
 
 
 def load(directory: Path) -> PiggybackModel:
@@ -63,8 +64,8 @@ def test_an_index_entry_leading_out_of_the_directory_is_refused(model_dir, outsi
     else:
         file = "../elsewhere/tasks/t.safetensors" if how == "dot-dot" else str(outside_file)
 
-    def point_outside(tasks):
-        tasks["t"]["file"] = file
+    def point_outside(index):
+        index["tasks"]["t"]["file"] = file
 
     edit_index(model_dir, point_outside)
     with pytest.raises(TaskFileError, match=r"task 't' points to .*out.* the model directory"):
@@ -73,19 +74,14 @@ def test_an_index_entry_leading_out_of_the_directory_is_refused(model_dir, outsi
 
 
 def test_the_name_inside_a_task_file_must_match_its_index_entry(model_dir):
-    edit_index(model_dir, lambda tasks: tasks.update(renamed=tasks.pop("t")))
-    with pytest.raises(
-        TaskFileError, match=r"holds task 't', but the index .* lists it as 'renamed'"
-    ):
+    edit_index(model_dir, lambda index: index["tasks"].update(renamed=index["tasks"].pop("t")))
+    with pytest.raises(TaskFileError, match=r"holds task 't', but the model index lists it as 'r"):
         load(model_dir)
-    assert "lists it as 'renamed'" in describe_model_dir(model_dir)["tasks"]["renamed"]["error"]
+    assert "holds task 't'" in describe_model_dir(model_dir)["tasks"]["renamed"]["error"]
 
 
 def test_an_invalid_config_in_the_index_is_a_task_file_error(model_dir):
-    path = model_dir / ser.CONFIG_NAME
-    config = json.loads(path.read_text())
-    config["config"]["init"] = "onas"
-    path.write_text(json.dumps(config))
+    edit_index(model_dir, lambda index: index["config"].update(init="onas"))
     with pytest.raises(TaskFileError, match=r"invalid 'config'.*onas"):
         load(model_dir)
 
@@ -93,7 +89,7 @@ def test_an_invalid_config_in_the_index_is_a_task_file_error(model_dir):
 def test_entries_inside_the_directory_still_load(model_dir):
     (model_dir / "tasks" / "sub").mkdir()
     (model_dir / "tasks" / "t.safetensors").rename(model_dir / "tasks" / "sub" / "t.safetensors")
-    edit_index(model_dir, lambda tasks: tasks["t"].update(file="tasks/sub/t.safetensors"))
+    edit_index(model_dir, lambda index: index["tasks"]["t"].update(file="tasks/sub/t.safetensors"))
     assert load(model_dir).tasks == ["t", "other"]
 
 
@@ -150,7 +146,7 @@ def test_processes_saving_tasks_into_one_directory_at_once_keep_every_task(tmp_p
         _, errors = process.communicate(timeout=300)
         assert process.returncode == 0, errors
     expected = {f"w{w}_{i}" for w in range(workers) for i in range(rounds)}
-    assert set(ser.read_model_config(directory)["tasks"]) == expected
+    assert set(md.read_model_config(directory)["tasks"]) == expected
     assert unindexed_task_files(directory) == []
     assert set(load(directory).tasks) == expected
 
@@ -158,17 +154,17 @@ def test_processes_saving_tasks_into_one_directory_at_once_keep_every_task(tmp_p
 def test_a_writer_waits_for_the_lock_and_gives_up_with_one_line(model_dir, monkeypatch):
     model = make_model()
     model.add_task("late", 2, seed=0)
-    monkeypatch.setattr(ser, "LOCK_TIMEOUT_S", 0.2)
-    with ser.index_lock(model_dir):
+    monkeypatch.setattr(md, "LOCK_TIMEOUT_S", 0.2)
+    with md.index_lock(model_dir):
         with pytest.raises(TaskFileError, match=r"another process has been writing to .*model"):
             model.save_pretrained(model_dir, tasks=["late"])
         saver = threading.Thread(target=model.save_pretrained, args=(model_dir, ["late"]))
-        monkeypatch.setattr(ser, "LOCK_TIMEOUT_S", 60)
+        monkeypatch.setattr(md, "LOCK_TIMEOUT_S", 60)
         saver.start()
         time.sleep(0.3)
-        assert "late" not in ser.read_model_config(model_dir)["tasks"]  # waiting for the lock
+        assert "late" not in md.read_model_config(model_dir)["tasks"]  # waiting for the lock
     saver.join(60)
-    assert "late" in ser.read_model_config(model_dir)["tasks"]
+    assert "late" in md.read_model_config(model_dir)["tasks"]
 
 
 # -- item 3: task files the index misses ------------------------------------------------------

@@ -17,9 +17,10 @@ from torch import Tensor
 
 from piggyback.errors import TaskFileError
 from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.model_dir import indexed_task_path, read_model_config
 from piggyback.packing import unpack_codes
 from piggyback.repair import unindexed_task_files
-from piggyback.serialization import read_indexed_task, read_model_config
+from piggyback.taskfile import read_task_file
 
 __all__ = ["describe_model_dir", "format_description"]
 
@@ -65,7 +66,9 @@ def _describe_task(
     size = path.stat().st_size if path.is_file() else None
     base = {"file": str(path), "bytes": size}
     try:
-        _, meta, tensors = read_indexed_task(directory, name, entry)
+        meta, tensors = read_task_file(indexed_task_path(directory, name, entry))
+        if meta.get("task") != name:
+            raise TaskFileError(f"the file holds task {meta.get('task')!r}, not {name!r}")
         layers = [(str(name), math.prod(shape)) for name, shape in meta["layers"]]
         density = _layer_density(meta, tensors, layers)
     except (TaskFileError, KeyError, TypeError, ValueError) as error:
@@ -91,7 +94,7 @@ def _layer_density(
     meta: dict[str, Any], tensors: dict[str, Tensor], layers: list[tuple[str, int]]
 ) -> dict[str, float] | None:
     """Fraction of non-zero mask entries per masked tensor; None without masks."""
-    if meta["method"] != "piggyback":
+    if "masks" not in tensors:  # a method without masks (classifier, finetune)
         return None
     sizes = [count for _, count in layers]
     codes = unpack_codes(tensors["masks"], sum(sizes), int(meta["bits_per_weight"]))

@@ -12,14 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from piggyback.errors import PiggybackError, TaskFileError
-from piggyback.serialization import (
-    CONFIG_NAME,
-    TASKS_DIR,
-    index_lock,
-    read_model_config,
-    read_task_file,
-    write_json_atomic,
-)
+from piggyback.fileio import write_json_atomic
+from piggyback.model_dir import CONFIG_NAME, TASKS_DIR, index_lock, read_model_config, sealed
+from piggyback.taskfile import read_task_file
 from piggyback.tasks import check_task_name
 
 __all__ = ["repair_index", "unindexed_task_files"]
@@ -62,7 +57,7 @@ def repair_index(directory: str | Path) -> tuple[list[str], list[str]]:
             config["tasks"][name] = entry
             added.append(name)
         if added:
-            write_json_atomic(directory / CONFIG_NAME, config)
+            write_json_atomic(directory / CONFIG_NAME, sealed(config))
     return added, refused
 
 
@@ -78,7 +73,7 @@ def _entry_for(path: Path, directory: Path, config: dict[str, Any]) -> tuple[str
     if meta.get("backbone_fingerprint") != config["backbone"]["fingerprint"]:
         raise TaskFileError(f"{path} was made for another backbone than {directory}'s")
     settings = config["config"]
-    if meta.get("method") == "piggyback" and (
+    if meta.get("mask_kind") is not None and (  # a method with masks
         meta.get("mask_kind") != settings.get("mask_kind")
         or meta.get("threshold") != settings.get("threshold")
     ):
