@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, export.
+"""The `piggyback` command: train, eval, predict, info, repair, export.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -231,6 +231,20 @@ def _task_problems(tasks: dict[str, dict[str, Any]]) -> list[str]:
         elif not task["fingerprint_matches"]:
             problems.append(f"{name} (made for other backbone weights than the directory's)")
     return problems
+
+
+@app.command()
+@friendly_errors
+def repair(model_dir: Annotated[Path, typer.Argument(help="Model directory.")]) -> None:
+    """Add the task files that the directory's index misses (after a crash while saving)."""
+    from piggyback.repair import repair_index
+
+    added, refused = repair_index(model_dir)
+    for reason in refused:
+        typer.echo(f"not added: {reason}", err=True)
+    typer.echo(f"added to the index: {', '.join(added)}" if added else "nothing to add")
+    if refused:
+        raise typer.Exit(2)
 
 
 @app.command()

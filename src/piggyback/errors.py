@@ -41,3 +41,11 @@ class DeviceError(PiggybackError, ValueError):
 
 class OutputError(PiggybackError, OSError):
     """A destination that cannot be written (read-only, not a folder, no space left)."""
+
+
+class ImageError(DataError):
+    """An image is missing, is no image, or is truncated or corrupted (see `piggyback.images`)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed: refused before decoding (decompression bombs)."""
