@@ -30,6 +30,11 @@ class TaskHeads(nn.Module):
         self.active = name
         self._head = [head] if head is not None else []
 
+    @property
+    def current(self) -> nn.Module | None:
+        """The active task's head, if a task is active."""
+        return self._head[0] if self._head else None
+
     def forward(self, *args, **kwargs):
         if not self._head:
             raise TaskError("no task is set: call model.set_task(name) first")

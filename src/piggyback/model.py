@@ -249,12 +249,12 @@ class PiggybackModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         state = self.task()
-        if not self._needs_graph(state):
-            with self.task_applied() as backbone:
-                return backbone(*args, **kwargs)
+        slots = self._task_slots(state)
+        if not self._needs_graph(state):  # inference: the cached tensors, no graph
+            with self._swapped(slots, self._cached_tensors(state)):
+                return self.backbone(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
             state.require_trainable()
-        slots = self._task_slots(state)
         tensors = self._compute_tensors(state)
         with self._swapped(slots, tensors):
             outputs = self.backbone(*args, **kwargs)
@@ -280,7 +280,7 @@ class PiggybackModel(nn.Module):
         """
         state = self.task(task)
         heads = self.heads
-        previous = (heads.active, heads._head[0] if heads._head else None)
+        previous = (heads.active, heads.current)
         with self._swapped(self._task_slots(state), tensors):
             heads.activate(state.task_name, state.head)
             try:
@@ -331,6 +331,11 @@ class PiggybackModel(nn.Module):
         """The tensors to swap in; cached in eval mode when no gradient has to reach them."""
         if self._needs_graph(state):
             return self._compute_tensors(state)
+        return self._cached_tensors(state)
+
+    def _cached_tensors(self, state: TaskState) -> list[Tensor]:
+        """The task's tensors without a graph, recomputed only when the task or its inputs
+        changed (a switch, in-place edits of scores or weights)."""
         inputs = state.mask_inputs() + [self.backbone_weight(t.name) for t in self.targets]
         key = (state.task_name, id(state), tuple((id(t), _version(t)) for t in inputs))
         if self._cache is None or self._cache[0] != key:
