@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from piggyback.errors import TaskError, UnsupportedModelError
+from piggyback.norms import is_norm, norm_types
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class TaskHeads(nn.Module):
@@ -28,6 +31,53 @@ class TaskHeads(nn.Module):
         if self.active is None:
             raise TaskError("no task is set: call model.set_task(name) first")
         return self.heads[self.active](*args, **kwargs)
+
+
+def declared_heads(model: nn.Module) -> list[str]:
+    """The classifier modules a timm model declares in its pretrained_cfg["classifier"] (a name,
+    or a tuple of names for models with a distillation head), skipping missing and nn.Identity
+    ones (timm puts an Identity there when the model was built with num_classes=0)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    declared = cfg.get("classifier") if isinstance(cfg, dict) else None
+    names = [declared] if isinstance(declared, str) else list(declared or ())
+    found = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(module, nn.Identity):
+            found.append(name)
+    return found
+
+
+def find_heads(model: nn.Module) -> list[str]:
+    """The dotted names of the classifier head(s), in the order the model declares them.
+
+    timm models declare theirs. Otherwise the head is the last nn.Linear; a model without any
+    nn.Linear (torchvision's SqueezeNet: a 1x1 convolution) has its head in the last module
+    that owns weights, when that is a convolution.
+    """
+    declared = declared_heads(model)
+    if declared:
+        return declared
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return [linears[-1]]
+    norms = norm_types()
+    weighted = [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False)) and not is_norm(m, norms)
+    ]
+    if weighted and isinstance(weighted[-1][1], _CONV_TYPES):
+        return [weighted[-1][0]]
+    last = [f"{name} ({type(m).__name__})" for name, m in weighted[-3:]]
+    raise UnsupportedModelError(
+        "could not find the classifier head (no timm pretrained_cfg['classifier'], no nn.Linear, "
+        f"and the last layers with weights are {last}, not a convolution); name it with "
+        "PiggybackConfig(head='module.name')"
+    )
 
 
 def _first_param(module: nn.Module) -> torch.Tensor | None:
@@ -58,7 +108,7 @@ def new_head(original: nn.Module, num_classes: int | None, seed: int | None) -> 
 def _fresh_head_like(original: nn.Module, num_classes: int) -> nn.Module:
     if isinstance(original, nn.Linear):
         return nn.Linear(original.in_features, num_classes, bias=original.bias is not None)
-    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    for conv in _CONV_TYPES:
         if not isinstance(original, conv):
             continue
         # The plain base class: subclasses (e.g. timm's Conv2dSame) may take other arguments.

@@ -23,17 +23,16 @@ from torch import Tensor, nn
 from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError, UnsupportedModelError
 from piggyback.fingerprint import fingerprint
-from piggyback.heads import TaskHeads, new_head
+from piggyback.heads import TaskHeads, find_heads, new_head
 from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.norms import is_norm, norm_types
 from piggyback.swap import Slot, swapped
 from piggyback.targets import (
     MaskTarget,
     check_unmasked,
-    find_head,
     find_mask_targets,
     find_norm_tensors,
     in_subtree,
-    is_norm,
 )
 from piggyback.tasks import Method, TaskState, check_task_name
 
@@ -67,7 +66,7 @@ class PiggybackModel(nn.Module):
         if any(isinstance(m, TaskHeads) for m in backbone.modules()):
             raise UnsupportedModelError("this backbone is already wrapped by a PiggybackModel")
         self.config = config = config or PiggybackConfig()
-        self.head_name = config.head or find_head(backbone)
+        self.head_name = config.head or find_heads(backbone)[-1]
         try:
             original_head = backbone.get_submodule(self.head_name)
         except AttributeError as error:
@@ -78,18 +77,20 @@ class PiggybackModel(nn.Module):
         self.fingerprint = fingerprint(
             {n: t for n, t in backbone.state_dict().items() if not in_subtree(n, self.head_name)}
         )
-        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, self.head_name)
-        self.unmasked: list[str] = check_unmasked(backbone, config, self.head_name, self.targets)
-        self.norm_names: list[str] = find_norm_tensors(backbone, self.head_name)
+        heads = [self.head_name]
+        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, heads)
+        self.unmasked: list[str] = check_unmasked(backbone, config, heads, self.targets)
+        self.norm_names: list[str] = find_norm_tensors(backbone, heads)
         self._original_requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
         backbone.set_submodule(self.head_name, TaskHeads(original_head))
         self.backbone = backbone
         self.task_states = nn.ModuleDict()
+        norms = norm_types()
         self._norm_modules = [
             m
             for n, m in backbone.named_modules()
-            if is_norm(m) and not in_subtree(n, self.head_name)
+            if is_norm(m, norms) and not in_subtree(n, self.head_name)
         ]
         self._active: str | None = None
         self._slots: dict[str, Slot] = {}
