@@ -17,8 +17,9 @@ from torch import Tensor
 
 from piggyback.errors import TaskFileError
 from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.model_dir import read_model_config
 from piggyback.packing import unpack_codes
-from piggyback.serialization import read_model_config, read_task_file
+from piggyback.taskfile import read_task_file
 
 __all__ = ["describe_model_dir", "format_description"]
 
