@@ -239,18 +239,7 @@ def test_one_dimensional_weights_are_reported_like_the_others():
     assert model.unmasked == ["middle.gamma", "middle.alpha", "middle.act.weight"]
 
 
-# -- heads and refusals -------------------------------------------------------------------------
-
-
-def test_squeezenet_conv_head_is_found_and_replaced(images):
-    torch.manual_seed(0)
-    model = wrap(torchvision.models.squeezenet1_1(num_classes=10).eval())
-    assert model.head_name == "classifier.1"
-    model.add_task("five", 5, seed=0)
-    model.set_task("five")
-    model.eval()
-    with torch.no_grad():
-        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+# -- refusals ---------------------------------------------------------------------------------
 
 
 def test_a_head_that_cannot_be_found_names_the_option():

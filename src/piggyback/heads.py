@@ -5,11 +5,19 @@ original. Each task owns its head (`TaskState.head`); the wrapper only points at
 without registering it, so a head's parameters belong to exactly one module tree (its task's).
 Heads are modules (not swapped tensors) because a task's head usually has another number of
 classes than the backbone's.
+
+Some models declare several heads that their own forward combines: timm's distilled models (DeiT,
+PiT, LeViT, EfficientFormer, ...) have `head` and `head_dist` and return their average (separate
+outputs only after `set_distilled_training(True)`, in training mode). Every declared head is
+replaced, each slot by its own `TaskHeads`, and a task's head is a `HeadGroup` with one head per
+slot: the model combines the task's heads exactly as it combines its own.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,16 +28,51 @@ from piggyback.norms import is_norm, norm_types
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class TaskHeads(nn.Module):
-    """Holds the backbone's original head; forwards to the active task's head."""
+def _slot_key(name: str) -> str:
+    return name.replace(".", "/")  # module names cannot contain dots
 
-    def __init__(self, original: nn.Module) -> None:
+
+class HeadGroup(nn.Module):
+    """The heads of a model that declares several (a task's, or the backbone's originals), by the
+    dotted name of the backbone slot each one sits in."""
+
+    def __init__(self, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.slots = nn.ModuleDict({_slot_key(name): head for name, head in heads.items()})
+
+    def names(self) -> list[str]:
+        return [key.replace("/", ".") for key in self.slots]
+
+    def head(self, name: str) -> nn.Module:
+        return self.slots[_slot_key(name)]
+
+    @property
+    def num_classes(self) -> int | None:
+        """What its heads predict: the declared heads of a model predict the same classes."""
+        first = next(iter(self.slots.values()))
+        return getattr(first, "out_features", getattr(first, "out_channels", None))
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("a HeadGroup is not called: each slot of the backbone runs its own head")
+
+
+class TaskHeads(nn.Module):
+    """Holds the backbone's original head; forwards to the active task's head.
+
+    In a model with several heads, `slot` is the name of this one: it runs that head of the
+    active task's HeadGroup.
+    """
+
+    def __init__(self, original: nn.Module, slot: str | None = None) -> None:
         super().__init__()
         self.original = original
+        self.slot = slot
         self.active: str | None = None
         self._head: list[nn.Module] = []  # a list, so that nn.Module does not register it
 
     def activate(self, name: str | None, head: nn.Module | None) -> None:
+        if isinstance(head, HeadGroup):
+            head = head.head(self.slot)
         self.active = name
         self._head = [head] if head is not None else []
 
@@ -37,6 +80,19 @@ class TaskHeads(nn.Module):
         if not self._head:
             raise TaskError("no task is set: call model.set_task(name) first")
         return self._head[0](*args, **kwargs)
+
+
+@contextmanager
+def heads_activated(wrappers: Sequence[TaskHeads], name: str, head: nn.Module) -> Iterator[None]:
+    """Run task `name`'s head in every slot for the duration of the block, then restore."""
+    previous = [(wrapper.active, wrapper._head) for wrapper in wrappers]
+    for wrapper in wrappers:
+        wrapper.activate(name, head)
+    try:
+        yield
+    finally:
+        for wrapper, (active, held) in zip(wrappers, previous, strict=True):
+            wrapper.active, wrapper._head = active, held
 
 
 def declared_heads(model: nn.Module) -> list[str]:
@@ -112,6 +168,10 @@ def new_head(original: nn.Module, num_classes: int | None, seed: int | None) -> 
 
 
 def _fresh_head_like(original: nn.Module, num_classes: int) -> nn.Module:
+    if isinstance(original, HeadGroup):
+        # As timm's reset_classifier: every declared head gets the new number of classes.
+        heads = {n: _fresh_head_like(original.head(n), num_classes) for n in original.names()}
+        return HeadGroup(heads)
     if isinstance(original, nn.Linear):
         return nn.Linear(original.in_features, num_classes, bias=original.bias is not None)
     for conv in _CONV_TYPES:
