@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from piggyback.errors import TaskError, UnsupportedModelError
-from piggyback.norms import is_norm, norm_types
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the classes of the heads new_head can build
 
 
 def _slot_key(name: str) -> str:
@@ -82,6 +81,29 @@ class TaskHeads(nn.Module):
         return self._head[0](*args, **kwargs)
 
 
+def install_task_heads(backbone: nn.Module, names: list[str]) -> None:
+    """Put a TaskHeads in the place of each head (named by its slot when there are several)."""
+    for name in names:
+        try:
+            original = backbone.get_submodule(name)
+        except AttributeError as error:
+            raise UnsupportedModelError(f"head {name!r} is not a module of the backbone") from error
+        backbone.set_submodule(name, TaskHeads(original, slot=name if len(names) > 1 else None))
+
+
+def original_heads(wrappers: dict[str, TaskHeads]) -> nn.Module:
+    """The backbone's own head (what the wrappers replaced); a HeadGroup when there are several."""
+    originals = {name: wrapper.original for name, wrapper in wrappers.items()}
+    return next(iter(originals.values())) if len(originals) == 1 else HeadGroup(originals)
+
+
+def heads_by_slot(head: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The module for each head slot: `head`, or each of a HeadGroup's heads."""
+    if isinstance(head, HeadGroup):
+        return {name: head.head(name) for name in names}
+    return {names[0]: head}
+
+
 @contextmanager
 def heads_activated(wrappers: Sequence[TaskHeads], name: str, head: nn.Module) -> Iterator[None]:
     """Run task `name`'s head in every slot for the duration of the block, then restore."""
@@ -93,53 +115,6 @@ def heads_activated(wrappers: Sequence[TaskHeads], name: str, head: nn.Module) -
     finally:
         for wrapper, (active, held) in zip(wrappers, previous, strict=True):
             wrapper.active, wrapper._head = active, held
-
-
-def declared_heads(model: nn.Module) -> list[str]:
-    """The classifier modules a timm model declares in its pretrained_cfg["classifier"] (a name,
-    or a tuple of names for models with a distillation head), skipping missing and nn.Identity
-    ones (timm puts an Identity there when the model was built with num_classes=0)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    declared = cfg.get("classifier") if isinstance(cfg, dict) else None
-    names = [declared] if isinstance(declared, str) else list(declared or ())
-    found = []
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if not isinstance(module, nn.Identity):
-            found.append(name)
-    return found
-
-
-def find_heads(model: nn.Module) -> list[str]:
-    """The dotted names of the classifier head(s), in the order the model declares them.
-
-    timm models declare theirs. Otherwise the head is the last nn.Linear; a model without any
-    nn.Linear (torchvision's SqueezeNet: a 1x1 convolution) has its head in the last module
-    that owns weights, when that is a convolution.
-    """
-    declared = declared_heads(model)
-    if declared:
-        return declared
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return [linears[-1]]
-    norms = norm_types()
-    weighted = [
-        (name, m)
-        for name, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False)) and not is_norm(m, norms)
-    ]
-    if weighted and isinstance(weighted[-1][1], _CONV_TYPES):
-        return [weighted[-1][0]]
-    last = [f"{name} ({type(m).__name__})" for name, m in weighted[-3:]]
-    raise UnsupportedModelError(
-        "could not find the classifier head (no timm pretrained_cfg['classifier'], no nn.Linear, "
-        f"and the last layers with weights are {last}, not a convolution); name it with "
-        "PiggybackConfig(head='module.name')"
-    )
 
 
 def _first_param(module: nn.Module) -> torch.Tensor | None:

@@ -21,10 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from piggyback import model_dir, taskfile
+from piggyback.classifiers import find_heads
 from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError, TaskFileError, UnsupportedModelError
 from piggyback.fingerprint import fingerprint
-from piggyback.heads import HeadGroup, TaskHeads, find_heads, heads_activated, new_head
+from piggyback.heads import (
+    TaskHeads,
+    heads_activated,
+    heads_by_slot,
+    install_task_heads,
+    new_head,
+    original_heads,
+)
 from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.methods import TaskMethod, get_method
 from piggyback.norms import is_norm, norm_types
@@ -54,16 +62,6 @@ def _backbone_fingerprint(backbone: nn.Module, heads: list[str]) -> str | None:
     if any(t.is_meta for t in tensors.values()):
         return None
     return fingerprint(tensors)
-
-
-def _install_task_heads(backbone: nn.Module, names: list[str]) -> None:
-    """Put a TaskHeads in the place of each head (named by its slot when there are several)."""
-    for name in names:
-        try:
-            original = backbone.get_submodule(name)
-        except AttributeError as error:
-            raise UnsupportedModelError(f"head {name!r} is not a module of the backbone") from error
-        backbone.set_submodule(name, TaskHeads(original, slot=name if len(names) > 1 else None))
 
 
 class PiggybackModel(nn.Module):
@@ -99,7 +97,7 @@ class PiggybackModel(nn.Module):
         self.norm_names: list[str] = find_norm_tensors(backbone, heads)
         self._original_requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
-        _install_task_heads(backbone, heads)
+        install_task_heads(backbone, heads)
         self.backbone = backbone
         self.task_states = nn.ModuleDict()
         norms = norm_types()
@@ -135,23 +133,16 @@ class PiggybackModel(nn.Module):
         """The wrapper in the (first) head's place."""
         return self.backbone.get_submodule(self.head_name)
 
-    def _named_wrappers(self) -> list[tuple[str, TaskHeads]]:
-        return [(name, self.backbone.get_submodule(name)) for name in self.head_names]
+    def _named_wrappers(self) -> dict[str, TaskHeads]:
+        return {name: self.backbone.get_submodule(name) for name in self.head_names}
 
     def _head_wrappers(self) -> list[TaskHeads]:
-        return [wrapper for _, wrapper in self._named_wrappers()]
+        return list(self._named_wrappers().values())
 
     @property
     def original_head(self) -> nn.Module:
         """The backbone's own head; a HeadGroup of them when it declares several."""
-        originals = {name: wrapper.original for name, wrapper in self._named_wrappers()}
-        return originals[self.head_name] if len(originals) == 1 else HeadGroup(originals)
-
-    def _heads_by_slot(self, head: nn.Module) -> dict[str, nn.Module]:
-        """The module for each head slot: the head, or each of a HeadGroup's heads."""
-        if isinstance(head, HeadGroup):
-            return {name: head.head(name) for name in self.head_names}
-        return {self.head_name: head}
+        return original_heads(self._named_wrappers())
 
     @property
     def tasks(self) -> list[str]:
@@ -440,12 +431,12 @@ class PiggybackModel(nn.Module):
         with torch.no_grad():
             tensors = self._compute_tensors(state)
         wrappers = self._named_wrappers()
-        for name, module in self._heads_by_slot(head).items():
+        for name, module in heads_by_slot(head, self.head_names).items():
             self.backbone.set_submodule(name, module)
         try:
             merged = copy.deepcopy(self.backbone)
         finally:
-            for name, wrapper in wrappers:
+            for name, wrapper in wrappers.items():
                 self.backbone.set_submodule(name, wrapper)
         for slot_in_model, tensor in zip(self._task_slots(state), tensors, strict=True):
             slot = Slot.resolve(merged, slot_in_model.name)
@@ -459,7 +450,7 @@ class PiggybackModel(nn.Module):
 
         Every task is dropped; this model is unusable afterwards.
         """
-        for name, wrapper in self._named_wrappers():
+        for name, wrapper in self._named_wrappers().items():
             self.backbone.set_submodule(name, wrapper.original)
         backbone = self.backbone
         for name, param in backbone.named_parameters():
