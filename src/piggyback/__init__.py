@@ -21,6 +21,7 @@ from piggyback.errors import (
     UnsupportedModelError,
 )
 from piggyback.model import PiggybackModel
+from piggyback.norms import register_norm_type
 
 __all__ = [
     "FingerprintMismatchError",
@@ -31,4 +32,5 @@ __all__ = [
     "TaskFileError",
     "UnsupportedModelError",
     "__version__",
+    "register_norm_type",
 ]

@@ -1,7 +1,7 @@
 """The multi-task model: one frozen backbone, one mask (plus head, optional norms) per task.
 
 `PiggybackModel(backbone, config)` wraps a model in place, like PEFT's `get_peft_model`. The
-backbone's modules are left as they are; only its classifier head is replaced by `TaskHeads`.
+backbone's modules are left as they are; only its classifier head(s) are replaced (`TaskHeads`).
 For each forward pass the active task's tensors are put into the backbone's slots (see `swap`):
 W * mask for every masked weight, and the task's own norm tensors when it has them. In eval mode
 those tensors are computed once per task switch and cached, so inference costs the same as the
@@ -21,22 +21,29 @@ import torch
 from torch import Tensor, nn
 
 from piggyback import model_dir, taskfile
+from piggyback.classifiers import find_heads
 from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError, TaskFileError, UnsupportedModelError
 from piggyback.fingerprint import fingerprint
-from piggyback.heads import TaskHeads, new_head
+from piggyback.heads import (
+    TaskHeads,
+    heads_activated,
+    heads_by_slot,
+    install_task_heads,
+    new_head,
+    original_heads,
+)
 from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.methods import TaskMethod, get_method
+from piggyback.norms import is_norm, norm_types
 from piggyback.recompute import BackwardSwap, reapply_in_backward
 from piggyback.swap import Slot, swapped
 from piggyback.targets import (
     MaskTarget,
     check_unmasked,
-    find_head,
     find_mask_targets,
     find_norm_tensors,
-    in_subtree,
-    is_norm,
+    in_any_subtree,
 )
 from piggyback.tasks import TaskMetadata, TaskState, check_task_name
 
@@ -46,6 +53,15 @@ def _version(tensor: Tensor) -> int:
         return tensor._version
     except RuntimeError:  # inference tensors have no version counter and cannot change
         return -1
+
+
+def _backbone_fingerprint(backbone: nn.Module, heads: list[str]) -> str | None:
+    """The fingerprint of the backbone's weights (heads excluded); None on the meta device, where
+    tensors have shapes but no values (models built there only to check their structure)."""
+    tensors = {n: t for n, t in backbone.state_dict().items() if not in_any_subtree(n, heads)}
+    if any(t.is_meta for t in tensors.values()):
+        return None
+    return fingerprint(tensors)
 
 
 class PiggybackModel(nn.Module):
@@ -70,29 +86,25 @@ class PiggybackModel(nn.Module):
         if any(isinstance(m, TaskHeads) for m in backbone.modules()):
             raise UnsupportedModelError("this backbone is already wrapped by a PiggybackModel")
         self.config = config = config or PiggybackConfig()
-        self.head_name = config.head or find_head(backbone)
-        try:
-            original_head = backbone.get_submodule(self.head_name)
-        except AttributeError as error:
-            raise UnsupportedModelError(
-                f"head {self.head_name!r} is not a module of the backbone"
-            ) from error
+        # Every classifier the model declares (two for timm's distilled models) is replaced.
+        self.head_names: list[str] = [config.head] if config.head else find_heads(backbone)
+        self.head_name = self.head_names[0]
+        heads = self.head_names
         self.backbone_spec = dict(backbone_spec or {})
-        self.fingerprint = fingerprint(
-            {n: t for n, t in backbone.state_dict().items() if not in_subtree(n, self.head_name)}
-        )
-        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, self.head_name)
-        self.unmasked: list[str] = check_unmasked(backbone, config, self.head_name, self.targets)
-        self.norm_names: list[str] = find_norm_tensors(backbone, self.head_name)
+        self._fingerprint = _backbone_fingerprint(backbone, heads)
+        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, heads)
+        self.unmasked: list[str] = check_unmasked(backbone, config, heads, self.targets)
+        self.norm_names: list[str] = find_norm_tensors(backbone, heads)
         self._original_requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
-        backbone.set_submodule(self.head_name, TaskHeads(original_head))
+        install_task_heads(backbone, heads)
         self.backbone = backbone
         self.task_states = nn.ModuleDict()
+        norms = norm_types()
         self._norm_modules = [
             m
             for n, m in backbone.named_modules()
-            if is_norm(m) and not in_subtree(n, self.head_name)
+            if is_norm(m, norms) and not in_any_subtree(n, heads)
         ]
         self._active: str | None = None
         self._slots: dict[str, Slot] = {}
@@ -104,11 +116,33 @@ class PiggybackModel(nn.Module):
         self._applied: list[dict[str, Tensor]] = []  # originals of the swaps now active
         self.train(backbone.training)
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the backbone weights the masks belong to (recorded in every task file)."""
+        if self._fingerprint is None:
+            raise UnsupportedModelError(
+                "the backbone is on the meta device: its weights have no values, so there is "
+                "nothing to fingerprint, save or load; build it with real weights for that"
+            )
+        return self._fingerprint
+
     # -- tasks ----------------------------------------------------------------------------------
 
     @property
     def heads(self) -> TaskHeads:
+        """The wrapper in the (first) head's place."""
         return self.backbone.get_submodule(self.head_name)
+
+    def _named_wrappers(self) -> dict[str, TaskHeads]:
+        return {name: self.backbone.get_submodule(name) for name in self.head_names}
+
+    def _head_wrappers(self) -> list[TaskHeads]:
+        return list(self._named_wrappers().values())
+
+    @property
+    def original_head(self) -> nn.Module:
+        """The backbone's own head; a HeadGroup of them when it declares several."""
+        return original_heads(self._named_wrappers())
 
     @property
     def tasks(self) -> list[str]:
@@ -164,7 +198,7 @@ class PiggybackModel(nn.Module):
         state = TaskState(
             name,
             strategy,
-            head=new_head(self.heads.original, num_classes, seed),
+            head=new_head(self.original_head, num_classes, seed),
             metadata=TaskMetadata(class_names=class_names),
             head_classes=num_classes,
         )
@@ -187,7 +221,8 @@ class PiggybackModel(nn.Module):
         """Make `name` the active task: the one forward() runs and the only one that trains."""
         state = self.task(name)
         self._active = name
-        self.heads.activate(name, state.head)
+        for wrapper in self._head_wrappers():
+            wrapper.activate(name, state.head)
         for other in self.task_states.values():
             other.requires_grad_(False)
         if not state.is_frozen:
@@ -203,7 +238,8 @@ class PiggybackModel(nn.Module):
         del self.task_states[name]
         if self._active == name:
             self._active = None
-            self.heads.activate(None, None)
+            for wrapper in self._head_wrappers():
+                wrapper.activate(None, None)
         self._cache = None
 
     def freeze_task(self, name: str | None = None) -> None:
@@ -279,14 +315,11 @@ class PiggybackModel(nn.Module):
         any of them without recomputing; the task's own head runs in the head slot.
         """
         state = self.task(task)
-        heads = self.heads
-        previous = (heads.active, heads.current)
-        with self._swapped(self._task_slots(state), tensors):
-            heads.activate(state.task_name, state.head)
-            try:
-                yield self.backbone
-            finally:
-                heads.activate(*previous)
+        with (
+            self._swapped(self._task_slots(state), tensors),
+            heads_activated(self._head_wrappers(), state.task_name, state.head),
+        ):
+            yield self.backbone
 
     def task_tensors(self, task: str | None = None) -> list[Tensor]:
         """The tensors a task puts into the backbone (W * mask, norms), computed without a graph."""
@@ -365,7 +398,9 @@ class PiggybackModel(nn.Module):
         if names is not None:
             return {n: tensors[n] for n in names}
         return {
-            n: t for n, t in tensors.items() if not (exclude_head and in_subtree(n, self.head_name))
+            n: t
+            for n, t in tensors.items()
+            if not (exclude_head and in_any_subtree(n, self.head_names))
         }
 
     def mask_density(self, task: str | None = None) -> dict[str, float]:
@@ -400,12 +435,14 @@ class PiggybackModel(nn.Module):
         head = state.head
         with torch.no_grad():
             tensors = self._compute_tensors(state)
-        heads = self.heads
-        self.backbone.set_submodule(self.head_name, head)
+        wrappers = self._named_wrappers()
+        for name, module in heads_by_slot(head, self.head_names).items():
+            self.backbone.set_submodule(name, module)
         try:
             merged = copy.deepcopy(self.backbone)
         finally:
-            self.backbone.set_submodule(self.head_name, heads)
+            for name, wrapper in wrappers.items():
+                self.backbone.set_submodule(name, wrapper)
         for slot_in_model, tensor in zip(self._task_slots(state), tensors, strict=True):
             slot = Slot.resolve(merged, slot_in_model.name)
             value = tensor.detach().clone()
@@ -418,7 +455,8 @@ class PiggybackModel(nn.Module):
 
         Every task is dropped; this model is unusable afterwards.
         """
-        self.backbone.set_submodule(self.head_name, self.heads.original)
+        for name, wrapper in self._named_wrappers().items():
+            self.backbone.set_submodule(name, wrapper.original)
         backbone = self.backbone
         for name, param in backbone.named_parameters():
             param.requires_grad_(self._original_requires_grad.get(name, True))

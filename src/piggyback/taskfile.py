@@ -222,7 +222,7 @@ class FileReader(FileTensors):
 def _build_head(model: PiggybackModel, path: Path, meta: dict, found: dict[str, Tensor]):
     num_classes = meta.get("num_classes")
     head_classes = num_classes if type(num_classes) is int and num_classes >= 1 else None
-    head = new_head(model.heads.original, head_classes, seed=0)
+    head = new_head(model.original_head, head_classes, seed=0)
     _check_named_tensors(path, "head", found, head.state_dict())
     head.load_state_dict(found)
     return head.to(model.device), head_classes
