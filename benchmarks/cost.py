@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment
+from environment import save_report
 
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
@@ -331,19 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "storage": storage(name),
         }
         print(json.dumps(results[name], indent=2), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = report_markdown(results, args)
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("memory_only", "method")}
-    report = {
-        "command": " ".join(sys.argv),
-        "settings": settings,
-        "results": results,
-        "environment": environment(),
-    }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
-    return report
+    return save_report(args.out, settings, results, report_markdown(results, args))
 
 
 if __name__ == "__main__":
