@@ -130,7 +130,7 @@ def test_trainable_parameters_are_exactly_the_active_tasks(tiny_cnn):
     assert set(groups) == {"scores", "head", "norms"}
     assert len(groups["scores"]) == len(model.targets)
     assert [tuple(p.shape) for p in groups["scores"]] == [t.shape for t in model.targets]
-    assert {id(p) for p in groups["head"]} == {id(p) for p in model.heads.heads["b"].parameters()}
+    assert {id(p) for p in groups["head"]} == {id(p) for p in model.task("b").head.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for g in groups.values() for p in g}  # nothing of task a trains
     optimizer = torch.optim.Adam(model.trainable_parameters("b"), lr=1e-4)
