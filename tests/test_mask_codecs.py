@@ -185,8 +185,8 @@ def test_packed_data_of_the_wrong_size_is_refused():
         get_mask_codec("packed").decode(torch.zeros(3, dtype=torch.uint8), {}, [9], 1)
 
 
-def test_unknown_codec_names_say_what_is_known_and_what_to_do():
-    with pytest.raises(TaskFileError, match=r"unknown mask codec 'brotli'.*upgrade piggyback"):
+def test_unknown_codec_names_say_which_are_known():
+    with pytest.raises(TaskFileError, match=r"unknown mask codec 'brotli': expected one of \["):
         get_mask_codec("brotli")
 
 

@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, export.
+"""The `piggyback` command: train, eval, predict, info, convert, export.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -86,6 +86,8 @@ HELP = {
     "init": "ones | uniform score initialisation (default: ones).",
     "init_value": "(default: 1e-2)",
     "task_norms": "Own normalization per task, trained (default: frozen).",
+    "head_dtype": "Save the head and task norms as float16 or bfloat16: smaller task files, "
+    "slightly rounded weights (default: float32).",
     "val_fraction": "Share of train held out as val when the data has no val split (default: 0.1).",
     "strict": "Fail on unreadable images instead of skipping them.",
     "max_train_batches": "Stop each epoch after this many batches (quick runs).",
@@ -131,6 +133,7 @@ def train(
     task_norms: Annotated[
         bool | None, Opt("--task-norms/--frozen-norms", help=HELP["task_norms"])
     ] = None,
+    head_dtype: Annotated[str | None, Opt(help=HELP["head_dtype"])] = None,
     val_fraction: Annotated[float | None, Opt(help=HELP["val_fraction"])] = None,
     strict: Annotated[bool | None, Opt("--strict", help=HELP["strict"])] = None,
     max_train_batches: Annotated[int | None, Opt(help=HELP["max_train_batches"])] = None,
@@ -246,6 +249,37 @@ def info(
         typer.echo(json.dumps(description, indent=2, default=str))
     else:
         typer.echo(format_description(description, verbose=verbose))
+
+
+@app.command()
+@friendly_errors
+def convert(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    codec: Annotated[
+        str | None,
+        Opt(
+            help="Mask codec: zstd (entropy-coded) or packed (1-2 bits per weight). "
+            "Default: zstd, or packed where that is smaller."
+        ),
+    ] = None,
+    head_dtype: Annotated[
+        str | None,
+        Opt(
+            help="Store heads and task norms as float16 or bfloat16 (lossy), or back as "
+            "float32. Default: as they are."
+        ),
+    ] = None,
+) -> None:
+    """Rewrite a model folder's task files with another mask codec or head dtype (each file is
+    replaced only after the new one reads back exactly as meant)."""
+    from piggyback.convert import convert_model_dir
+
+    for name, done in convert_model_dir(model_dir, codec, head_dtype).items():
+        typer.echo(
+            f"{name}: {done['bytes_before']:,} -> {done['bytes_after']:,} bytes "
+            f"(masks {done['codec_before']} -> {done['codec_after']}, "
+            f"head {done['head_dtype_before']} -> {done['head_dtype_after']})"
+        )
 
 
 @app.command()

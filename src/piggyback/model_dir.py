@@ -80,7 +80,14 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | None) -> Path:
+def save_pretrained(
+    model: PiggybackModel,
+    directory: Path,
+    tasks: list[str] | None,
+    *,
+    codec: str | None = None,
+    head_dtype: str | None = None,
+) -> Path:
     """Write task files, then the index that lists them; tasks saved earlier are kept.
 
     Each file is written atomically, but the index is read, updated and rewritten: two processes
@@ -98,7 +105,9 @@ def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | N
             )
         index = {n: e for n, e in existing["tasks"].items() if (directory / e["file"]).is_file()}
     for name in names:
-        path = save_task(model, name, task_file(directory, name))
+        path = save_task(
+            model, name, task_file(directory, name), codec=codec, head_dtype=head_dtype
+        )
         state = model.task(name)
         index[name] = {
             "file": str(path.relative_to(directory)),

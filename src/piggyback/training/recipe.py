@@ -25,6 +25,7 @@ import yaml
 
 from piggyback.config import PiggybackConfig, strict_from_dict
 from piggyback.methods import get_method
+from piggyback.taskfile import head_dtype_of
 from piggyback.tasks import check_task_name
 
 if sys.version_info >= (3, 11):
@@ -53,6 +54,8 @@ class TrainConfig:
     init: str = "ones"
     init_value: float = 1e-2
     task_norms: bool = False
+    # Saving: the head and task norms in float16 / bfloat16 (smaller files, lossy).
+    head_dtype: str | None = None
     # Optimization.
     epochs: int = 30
     batch_size: int = 32
@@ -113,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.head_dtype is not None:
+            head_dtype_of(self.head_dtype)
         self.model_config()  # mask settings are checked by PiggybackConfig
 
     def model_config(self) -> PiggybackConfig:
@@ -134,7 +139,9 @@ class TrainConfig:
 
 
 #: Options that may differ when a run is resumed: they do not change its result.
-RESUMABLE_CHANGES = ("workers", "progress", "device", "tensorboard", "download", "channels_last")
+RESUMABLE_CHANGES = (
+    "workers", "progress", "device", "tensorboard", "download", "channels_last", "head_dtype",
+)  # fmt: skip
 
 
 def default_task_name(data: str) -> str:
