@@ -21,7 +21,7 @@ from torch import Tensor
 import piggyback
 from piggyback.errors import TaskFileError
 from piggyback.fileio import META_KEY, atomic_path, content_checksum
-from piggyback.model_dir import read_model_config
+from piggyback.model_dir import index_lock, indexed_task_path, read_model_config
 from piggyback.taskfile import (
     HEAD_DTYPES,
     TASK_FORMAT_VERSION,
@@ -40,11 +40,12 @@ def convert_model_dir(
     """Convert every task file of a model directory (see `convert_task_file`); per task, what
     changed. Each file is replaced only once its conversion is verified."""
     directory = Path(directory)
-    index = read_model_config(directory)
-    return {
-        name: convert_task_file(directory / entry["file"], codec, head_dtype)
-        for name, entry in index["tasks"].items()
-    }
+    with index_lock(directory):  # no task is saved into the directory meanwhile
+        index = read_model_config(directory)
+        return {
+            name: convert_task_file(indexed_task_path(directory, name, entry), codec, head_dtype)
+            for name, entry in index["tasks"].items()
+        }
 
 
 def convert_task_file(
