@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.968,
         help="fraction of weights the task files' masks keep (the real Lite0 GTSRB task: 0.968)",
     )
+    parser.add_argument(
+        "--storage-only",
+        action="store_true",
+        help="only the task file sizes (seconds, not minutes)",
+    )
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -341,6 +346,45 @@ def _row(name: str, r: dict[str, Any], batch: int) -> list[str]:
     ]
 
 
+STORAGE_ROWS = {
+    "masked weights": lambda s: f"{s['masked_weights']:,}",
+    "mask density (i.i.d.)": lambda s: f"{s['mask_density']:.4f}",
+    "mask bits/weight (entropy bound)": (
+        lambda s: f"{s['mask_bits_per_weight']:.3f} ({s['entropy_bits_per_weight']:.3f})"
+    ),
+    "coded masks / float32 head (MiB)": (
+        lambda s: f"{s['coded_mask_bytes'] / 2**20:.3f} / {s['head_bytes'] / 2**20:.2f}"
+    ),
+    "task file: packed / coded / coded + float16 head (MiB)": lambda s: " / ".join(
+        f"{s[k] / 2**20:.3f}"
+        for k in ("packed_task_file_bytes", "task_file_bytes", "compact_task_file_bytes")
+    ),
+    "fine-tuned checkpoint (MiB)": lambda s: f"{s['finetuned_checkpoint_bytes'] / 2**20:.2f}",
+    "checkpoint / task file: packed / coded / coded + float16 head": lambda s: " / ".join(
+        f"{s[k]:.1f}x"
+        for k in (
+            "finetuned_over_packed_task",
+            "finetuned_over_task",
+            "finetuned_over_compact_task",
+        )
+    ),
+}
+
+
+def storage_markdown(results: dict[str, Any], args) -> str:
+    """The storage figures alone, one column per model."""
+    names = list(results)
+    rows = [["", *names], ["---"] * (len(names) + 1)]
+    rows += [
+        [label, *(f(results[n]["storage"]) for n in names)] for label, f in STORAGE_ROWS.items()
+    ]
+    settings = (
+        f"Task files with a {NUM_CLASSES}-class head, masks keeping {args.mask_density:.1%} of "
+        "the weights (i.i.d.), against a fine-tuned checkpoint (safetensors) of the same model."
+    )
+    return "\n".join([settings, "", *("| " + " | ".join(row) + " |" for row in rows)])
+
+
 def report_markdown(results: dict[str, Any], args) -> str:
     header = [
         "model",
@@ -377,15 +421,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     for name in args.models:
         print(f"== {name}", flush=True)
-        results[name] = {
+        results[name] = {} if args.storage_only else {
             "train_seconds": training_time(name, args, device),
             "train_peak_bytes": training_memory(name, args),
             "inference": inference(name, args, device),
-            "storage": storage(name, args.mask_density),
-        }
+        }  # fmt: skip
+        results[name]["storage"] = storage(name, args.mask_density)
         print(json.dumps(results[name], indent=2), flush=True)
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("memory_only", "method")}
-    return save_report(args.out, settings, results, report_markdown(results, args))
+    table = storage_markdown(results, args) if args.storage_only else report_markdown(results, args)
+    return save_report(args.out, settings, results, table)
 
 
 if __name__ == "__main__":
