@@ -8,7 +8,9 @@ Everything is measured side by side in one run and printed as ratios:
 - inference: a task's forward pass against the plain backbone (eval mode, no grad), batch 1 and
   the training batch; and the latency of switching tasks (set_task + the first forward, minus a
   cached forward), against one batch-1 forward pass;
-- storage: bytes of a task file against a fine-tuned checkpoint (safetensors) of the same model.
+- storage: bytes of a task file (100-class head) against a fine-tuned checkpoint (safetensors) of
+  the same model: today's packed masks, entropy-coded masks (default), and coded masks with a
+  float16 head; the coded masks' bits per weight against their entropy bound.
 
 Fine-tuning here is plain PyTorch fine-tuning of the backbone (what the paper compares against).
 Random weights are used for the timm ResNet-50; EfficientNet-Lite0 has its real weights.
@@ -35,10 +37,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment
+from environment import save_report
 
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
+from piggyback.describe import task_file_storage
 from piggyback.device import Precision, resolve_device
 from piggyback.packing import packed_size
 from piggyback.runtime import tune_allocator
@@ -57,6 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cost-cpu"))
+    parser.add_argument(
+        "--mask-density",
+        type=float,
+        default=0.968,
+        help="fraction of weights the task files' masks keep (the real Lite0 GTSRB task: 0.968)",
+    )
+    parser.add_argument(
+        "--storage-only",
+        action="store_true",
+        help="only the task file sizes (seconds, not minutes)",
+    )
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -242,16 +256,36 @@ def inference(name: str, args, device) -> dict[str, Any]:
     return results
 
 
-def storage(name: str) -> dict[str, Any]:
+def learned_like_masks(model: PiggybackModel, task: str, density: float) -> None:
+    """Switch weights off at random so that `density` of them stay on (i.i.d.: real masks have
+    structure that coding exploits, so they come out smaller than these)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, scores in model.task(task).scores.items():
+            off = torch.rand(scores.shape, generator=generator) >= density
+            scores[off] = 0.0
+
+
+def storage(name: str, density: float) -> dict[str, Any]:
+    """Bytes of a task file (100-class head, masks keeping `density` of the weights) as today's
+    packed file, entropy-coded, and entropy-coded with a float16 head; against a fine-tuned
+    checkpoint of the same model."""
     model = PiggybackModel(load_backbone(name))
     model.add_task("t", NUM_CLASSES, seed=0)
+    learned_like_masks(model, "t", density)
     model.add_task("c", NUM_CLASSES, method="classifier", seed=0)
     finetuned = load_backbone(name)
     if hasattr(finetuned, "reset_classifier"):
         finetuned.reset_classifier(NUM_CLASSES)
+    variants = {"packed": ("packed", None), "coded": (None, None), "compact": (None, "float16")}
     with tempfile.TemporaryDirectory() as tmp:
-        task_bytes = model.save_task(Path(tmp) / "t.safetensors", "t").stat().st_size
+        files = {
+            key: model.save_task(Path(tmp) / f"{key}.safetensors", "t", codec=c, head_dtype=h)
+            for key, (c, h) in variants.items()
+        }
+        sizes = {key: path.stat().st_size for key, path in files.items()}
         classifier_bytes = model.save_task(Path(tmp) / "c.safetensors", "c").stat().st_size
+        coded = task_file_storage(files["coded"])
         checkpoint = Path(tmp) / "finetuned.safetensors"
         state = {k: v.contiguous() for k, v in finetuned.state_dict().items()}
         save_file(state, str(checkpoint))
@@ -263,12 +297,20 @@ def storage(name: str) -> dict[str, Any]:
     masked_weight_bytes = model.num_masked * 4  # the float32 weights the masks select
     return {
         "masked_weights": model.num_masked,
-        "task_file_bytes": task_bytes,
+        "mask_density": model.overall_density("t"),
+        "packed_task_file_bytes": sizes["packed"],
+        "task_file_bytes": sizes["coded"],
+        "compact_task_file_bytes": sizes["compact"],
         "mask_bytes": mask_bytes,
+        "coded_mask_bytes": coded["mask_bytes"],
+        "mask_bits_per_weight": coded["mask_bits_per_weight"],
+        "entropy_bits_per_weight": coded["entropy_bits_per_weight"],
         "head_bytes": head_bytes,
         "classifier_task_bytes": classifier_bytes,
         "finetuned_checkpoint_bytes": full_bytes,
-        "finetuned_over_task": full_bytes / task_bytes,
+        "finetuned_over_packed_task": full_bytes / sizes["packed"],
+        "finetuned_over_task": full_bytes / sizes["coded"],
+        "finetuned_over_compact_task": full_bytes / sizes["compact"],
         "weights_over_masks": masked_weight_bytes / mask_bytes,
     }
 
@@ -286,11 +328,61 @@ def _row(name: str, r: dict[str, Any], batch: int) -> list[str]:
         f"{i[f'batch{batch}']['ratio']:.3f}",
         f"{1000 * switch['seconds']:.2f} / {1000 * switch['batch1_forward_seconds']:.2f}"
         f" = {switch['ratio_to_batch1_forward']:.2f}",
-        f"{s['task_file_bytes'] / 2**20:.2f} MiB",
-        f"{s['finetuned_over_task']:.1f}x",
-        f"{s['head_bytes'] / 2**20:.2f} / {s['mask_bytes'] / 2**20:.2f} MiB",
+        " / ".join(
+            f"{s[k] / 2**20:.2f}"
+            for k in ("packed_task_file_bytes", "task_file_bytes", "compact_task_file_bytes")
+        ),
+        " / ".join(
+            f"{s[k]:.1f}x"
+            for k in (
+                "finetuned_over_packed_task",
+                "finetuned_over_task",
+                "finetuned_over_compact_task",
+            )
+        ),
+        f"{s['mask_bits_per_weight']:.3f} ({s['entropy_bits_per_weight']:.3f})",
+        f"{s['head_bytes'] / 2**20:.2f} / {s['coded_mask_bytes'] / 2**20:.3f} MiB",
         f"{s['weights_over_masks']:.1f}x",
     ]
+
+
+STORAGE_ROWS = {
+    "masked weights": lambda s: f"{s['masked_weights']:,}",
+    "mask density (i.i.d.)": lambda s: f"{s['mask_density']:.4f}",
+    "mask bits/weight (entropy bound)": (
+        lambda s: f"{s['mask_bits_per_weight']:.3f} ({s['entropy_bits_per_weight']:.3f})"
+    ),
+    "coded masks / float32 head (MiB)": (
+        lambda s: f"{s['coded_mask_bytes'] / 2**20:.3f} / {s['head_bytes'] / 2**20:.2f}"
+    ),
+    "task file: packed / coded / coded + float16 head (MiB)": lambda s: " / ".join(
+        f"{s[k] / 2**20:.3f}"
+        for k in ("packed_task_file_bytes", "task_file_bytes", "compact_task_file_bytes")
+    ),
+    "fine-tuned checkpoint (MiB)": lambda s: f"{s['finetuned_checkpoint_bytes'] / 2**20:.2f}",
+    "checkpoint / task file: packed / coded / coded + float16 head": lambda s: " / ".join(
+        f"{s[k]:.1f}x"
+        for k in (
+            "finetuned_over_packed_task",
+            "finetuned_over_task",
+            "finetuned_over_compact_task",
+        )
+    ),
+}
+
+
+def storage_markdown(results: dict[str, Any], args) -> str:
+    """The storage figures alone, one column per model."""
+    names = list(results)
+    rows = [["", *names], ["---"] * (len(names) + 1)]
+    rows += [
+        [label, *(f(results[n]["storage"]) for n in names)] for label, f in STORAGE_ROWS.items()
+    ]
+    settings = (
+        f"Task files with a {NUM_CLASSES}-class head, masks keeping {args.mask_density:.1%} of "
+        "the weights (i.i.d.), against a fine-tuned checkpoint (safetensors) of the same model."
+    )
+    return "\n".join([settings, "", *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 def report_markdown(results: dict[str, Any], args) -> str:
@@ -303,14 +395,19 @@ def report_markdown(results: dict[str, Any], args) -> str:
         "infer b1 task / plain",
         f"infer b{args.batch_size} task / plain",
         "switch / b1 forward (ms)",
-        "task file",
-        "ft ckpt / task",
-        "head / masks",
+        "task file packed / coded / coded+fp16 head (MiB)",
+        "ft ckpt / task: packed / coded / coded+fp16 head",
+        "mask bits/weight (entropy bound)",
+        "fp32 head / coded masks",
         "masked weights / masks",
     ]
     rows = [header, ["---"] * len(header)]
     rows += [_row(name, r, args.batch_size) for name, r in results.items()]
-    settings = f"Batch {args.batch_size}, {args.image_size} px, {args.device}, {args.precision}."
+    settings = (
+        f"Batch {args.batch_size}, {args.image_size} px, {args.device}, {args.precision}; "
+        f"task files: {NUM_CLASSES}-class head, masks keeping {args.mask_density:.1%} of the "
+        "weights (i.i.d.)."
+    )
     return "\n".join([settings, "", *("| " + " | ".join(row) + " |" for row in rows)])
 
 
@@ -324,26 +421,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     for name in args.models:
         print(f"== {name}", flush=True)
-        results[name] = {
+        results[name] = {} if args.storage_only else {
             "train_seconds": training_time(name, args, device),
             "train_peak_bytes": training_memory(name, args),
             "inference": inference(name, args, device),
-            "storage": storage(name),
-        }
+        }  # fmt: skip
+        results[name]["storage"] = storage(name, args.mask_density)
         print(json.dumps(results[name], indent=2), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = report_markdown(results, args)
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("memory_only", "method")}
-    report = {
-        "command": " ".join(sys.argv),
-        "settings": settings,
-        "results": results,
-        "environment": environment(),
-    }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
-    return report
+    table = storage_markdown(results, args) if args.storage_only else report_markdown(results, args)
+    return save_report(args.out, settings, results, table)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -53,3 +56,20 @@ def environment() -> dict:
         "versions": versions,
         "git_commit": _git_commit(),
     }
+
+
+def save_report(out, settings: dict, results, table: str, env: dict | None = None) -> dict:
+    """Write results.json (command, settings, results, environment) and table.md into `out`,
+    print the table, and return the report."""
+    report = {
+        "command": " ".join(sys.argv),
+        "settings": settings,
+        "results": results,
+        "environment": env or environment(),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return report

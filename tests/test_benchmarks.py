@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -64,3 +66,34 @@ def test_cost_benchmark_reports_ratios(tmp_path):
     assert result["inference"]["batch1"]["ratio"] > 0
     assert json.loads((out / "results.json").read_text())["environment"]["machine"]["cores"]
     assert "pb / ft time" in (out / "table.md").read_text()
+
+
+def test_mask_codec_benchmark_measures_real_and_synthetic_masks(tiny_weights, tmp_path):
+    import torch
+
+    from piggyback import PiggybackModel
+    from piggyback.backbones import create_backbone
+
+    backbone = create_backbone("timm:test_efficientnet", weights=tiny_weights)
+    model = PiggybackModel(backbone.model, backbone_spec=backbone.spec)
+    model.add_task("learned", 3, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    for _, scores in model.task("learned").scores.items():
+        scores.data[torch.rand(scores.shape, generator=generator) < 0.03] = 0.0  # switched off
+    model.save_pretrained(tmp_path / "model")
+    benchmark = load("mask_codecs")
+    out = tmp_path / "codec"
+    report = benchmark.main(
+        ["--real", str(tmp_path / "model"), "--models", "timm:test_efficientnet",
+         "--densities", "0.99", "--repeats", "1", "--out", str(out)]
+    )  # fmt: skip
+    results = report["results"]
+    assert [r["set"] for r in results] == ["model/learned", *["iid 0.990"] * 2, "channels"]
+    learned = results[0]
+    assert 0.95 < learned["density"] < 0.99
+    for result in results:
+        assert set(result["codecs"]) == {"packed", "zstd", "ans", "zstd(packed)"}
+        assert result["codecs"]["zstd"]["bytes"] < result["codecs"]["packed"]["bytes"]
+        assert result["load_seconds"]["packed"] > 0 and result["coded_load_ratio"] > 0
+    assert json.loads((out / "results.json").read_text())["environment"]["versions"]["zstandard"]
+    assert "zstd bits/weight" in (out / "table.md").read_text()

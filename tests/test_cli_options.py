@@ -22,7 +22,8 @@ FLAGS_BEFORE = {
     "--data-format", "--epochs", "--batch-size", "--image-size", "--optimizer", "--lr",
     "--lr-scores", "--lr-head", "--momentum", "--weight-decay", "--lr-decay-epochs",
     "--lr-decay-factor", "--mask-kind", "--threshold", "--init", "--init-value", "--task-norms",
-    "--frozen-norms", "--val-fraction", "--strict", "--max-train-batches", "--seed", "--workers",
+    "--frozen-norms", "--head-dtype", "--val-fraction", "--strict", "--max-train-batches",
+    "--seed", "--workers",
     "--device", "--precision", "--progress", "--no-progress", "--channels-last",
     "--no-channels-last", "--tensorboard", "--download", "--resume", "--overwrite",
 }  # fmt: skip

@@ -149,8 +149,9 @@ def trained_task(seed: int) -> PiggybackModel:
 
 def task_contents(model: PiggybackModel, name: str) -> dict[str, Any]:
     """Everything a task file sets in a model: its name, metadata and tensors."""
-    tensors = taskfile.task_tensors(model, name)
-    return {"name": name, "meta": taskfile.task_metadata(model, name, tensors), "tensors": tensors}
+    tensors, coding = taskfile.task_tensors(model, name)
+    meta = taskfile.task_metadata(model, name, tensors, coding)
+    return {"name": name, "meta": meta, "tensors": tensors}
 
 
 def load_task_into_a_model(path: Path) -> dict[str, Any]:
@@ -201,8 +202,8 @@ def checkpoint_path(seed: int, folder: Path) -> Path:
     loss.backward()
     optimizer.step()
     scheduler.step()
-    tensors = taskfile.task_tensors(model, "t")
-    best = (taskfile.task_metadata(model, "t", tensors), tensors)
+    tensors, coding = taskfile.task_tensors(model, "t", codec="packed")  # as training writes it
+    best = (taskfile.task_metadata(model, "t", tensors, coding), tensors)
     run = RunState(1, [{"epoch": 1, "val_top1": 0.5}], {"epoch": 1, "val_top1": 0.5}, best)
     path = folder / f"checkpoint-{seed}.safetensors"
     write_checkpoint(path, model, "t", optimizer, scheduler, scaler, run, run_config().to_dict())

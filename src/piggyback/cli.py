@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, repair, export.
+"""The `piggyback` command: train, eval, predict, info, repair, convert, export.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -245,6 +245,37 @@ def repair(model_dir: Annotated[Path, typer.Argument(help="Model directory.")]) 
     typer.echo(f"added to the index: {', '.join(added)}" if added else "nothing to add")
     if refused:
         raise typer.Exit(2)
+
+
+@app.command()
+@friendly_errors
+def convert(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    codec: Annotated[
+        str | None,
+        Opt(
+            help="Mask codec: zstd (entropy-coded) or packed (1-2 bits per weight). "
+            "Default: zstd, or packed where that is smaller."
+        ),
+    ] = None,
+    head_dtype: Annotated[
+        str | None,
+        Opt(
+            help="Store heads and task norms as float16 or bfloat16 (lossy), or back as "
+            "float32. Default: as they are."
+        ),
+    ] = None,
+) -> None:
+    """Rewrite a model folder's task files with another mask codec or head dtype (each file is
+    replaced only after the new one reads back exactly as meant)."""
+    from piggyback.convert import convert_model_dir
+
+    for name, done in convert_model_dir(model_dir, codec, head_dtype).items():
+        typer.echo(
+            f"{name}: {done['bytes_before']:,} -> {done['bytes_after']:,} bytes "
+            f"(masks {done['codec_before']} -> {done['codec_after']}, "
+            f"head {done['head_dtype_before']} -> {done['head_dtype_after']})"
+        )
 
 
 @app.command()

@@ -16,13 +16,14 @@ from typing import Any
 from torch import Tensor
 
 from piggyback.errors import TaskFileError
+from piggyback.mask_codecs import entropy_bits
 from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.model_dir import indexed_task_path, read_model_config
 from piggyback.packing import unpack_codes
 from piggyback.repair import unindexed_task_files
-from piggyback.taskfile import read_task_file
+from piggyback.taskfile import decode_masks, read_task_file
 
-__all__ = ["describe_model_dir", "format_description"]
+__all__ = ["describe_model_dir", "format_description", "task_file_storage"]
 
 _SHOWN_CLASS_NAMES = 10
 
@@ -64,15 +65,16 @@ def _describe_task(
 ) -> dict[str, Any]:
     path = directory / entry["file"]
     size = path.stat().st_size if path.is_file() else None
-    base = {"file": str(path), "bytes": size}
+    base = {"file": str(path), "bytes": size, "file_bytes": size}
     try:
         meta, tensors = read_task_file(indexed_task_path(directory, name, entry))
         if meta.get("task") != name:
             raise TaskFileError(f"the file holds task {meta.get('task')!r}, not {name!r}")
         layers = [(str(name), math.prod(shape)) for name, shape in meta["layers"]]
-        density = _layer_density(meta, tensors, layers)
+        storage = _storage(path, meta, tensors, layers)
     except (TaskFileError, KeyError, TypeError, ValueError) as error:
         return {**base, "method": None, "error": f"{type(error).__name__}: {error}"}
+    density = storage.pop("layer_density")
     return {
         **base,
         "method": meta["method"],
@@ -80,6 +82,7 @@ def _describe_task(
         "class_names": meta.get("class_names"),
         "mask_kind": meta.get("mask_kind"),
         "bits_per_weight": meta.get("bits_per_weight", 0),
+        **storage,
         "masked_tensors": len(layers),
         "density": None if density is None else weighted_fraction_on(density, dict(layers)),
         "layer_density": density,
@@ -90,18 +93,48 @@ def _describe_task(
     }
 
 
-def _layer_density(
-    meta: dict[str, Any], tensors: dict[str, Tensor], layers: list[tuple[str, int]]
-) -> dict[str, float] | None:
-    """Fraction of non-zero mask entries per masked tensor; None without masks."""
-    if "masks" not in tensors:  # a method without masks (classifier, finetune)
-        return None
+def _storage(
+    path: Path, meta: dict[str, Any], tensors: dict[str, Tensor], layers: list[tuple[str, int]]
+) -> dict[str, Any]:
+    """What the file spends its bytes on, and how its masks compare with their entropy bound
+    (the order-0 entropy of each tensor's codes: what a per-tensor code can reach)."""
     sizes = [count for _, count in layers]
-    codes = unpack_codes(tensors["masks"], sum(sizes), int(meta["bits_per_weight"]))
-    return {
+    weights = sum(sizes)
+    out = {
+        "codec": meta.get("codec", "packed"),
+        "head_dtype": meta.get("head_dtype") or "float32",
+        "head_bytes": _nbytes(tensors, "head/"),
+        "mask_bytes": _nbytes(tensors, "masks"),
+        "mask_bits_per_weight": None,
+        "entropy_bits_per_weight": None,
+        "layer_density": None,
+    }
+    if "masks" not in tensors:  # a method without masks (classifier, finetune)
+        return out
+    bits = int(meta["bits_per_weight"])
+    codes = unpack_codes(decode_masks(path, meta, tensors["masks"], sizes), weights, bits)
+    out["mask_bits_per_weight"] = 8 * out["mask_bytes"] / weights if weights else 0.0
+    out["entropy_bits_per_weight"] = entropy_bits(codes, sizes) / weights if weights else 0.0
+    out["layer_density"] = {
         name: fraction_on(chunk)
         for (name, _), chunk in zip(layers, codes.split(sizes), strict=True)
     }
+    return out
+
+
+def task_file_storage(path: str | Path) -> dict[str, Any]:
+    """What one task file spends its bytes on: codec, head dtype, mask and head bytes, mask bits
+    per weight and the masks' entropy bound in bits per weight (see `piggyback info`)."""
+    path = Path(path)
+    meta, tensors = read_task_file(path)
+    layers = [(str(name), math.prod(shape)) for name, shape in meta["layers"]]
+    storage = _storage(path, meta, tensors, layers)
+    storage.pop("layer_density")
+    return {"file_bytes": path.stat().st_size, **storage}
+
+
+def _nbytes(tensors: dict[str, Tensor], prefix: str) -> int:
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -115,7 +148,10 @@ def format_description(desc: dict[str, Any], *, verbose: bool = False) -> str:
     """
     lines = [*_header(desc), "", f"Tasks ({len(desc['tasks'])}):"]
     rows = [_task_row(name, task) for name, task in desc["tasks"].items()]
-    headers = ["task", "method", "classes", "size", "bits", "density", "layers min/med/max"]
+    headers = [
+        "task", "method", "classes", "size", "masks", "bits/weight (bound)", "head",
+        "density", "layers min/med/max",
+    ]  # fmt: skip
     lines += ["  " + line for line in _table(headers, rows)] if rows else ["  (none)"]
     for name, task in desc["tasks"].items():
         lines += ["", *_task_details(name, task, verbose)]
@@ -150,18 +186,21 @@ def _header(desc: dict[str, Any]) -> list[str]:
 def _task_row(name: str, task: dict[str, Any]) -> list[str]:
     size = _size(task["bytes"]) if task["bytes"] is not None else "missing"
     if task["error"]:
-        return [name, "error", "-", size, "-", "-", "-"]
+        return [name, "error", "-", size, "-", "-", "-", "-", "-"]
     density = task["layer_density"]
     spread = "-"
     if density:
         values = list(density.values())
         spread = "/".join(f"{v:.3f}" for v in (min(values), statistics.median(values), max(values)))
+    coded = task["mask_bits_per_weight"]
     return [
         name,
         task["method"],
         "-" if task["num_classes"] is None else str(task["num_classes"]),
         size,
-        str(task["bits_per_weight"] or "-"),
+        f"{_size(task['mask_bytes'])} {task['codec']}" if coded is not None else "-",
+        f"{coded:.3f} ({task['entropy_bits_per_weight']:.3f})" if coded is not None else "-",
+        f"{_size(task['head_bytes'])} {task['head_dtype']}",
         "-" if task["density"] is None else f"{task['density']:.4f}",
         spread,
     ]

@@ -469,9 +469,23 @@ class PiggybackModel(nn.Module):
 
     # -- files (see piggyback.taskfile and piggyback.model_dir) ---------------------------------
 
-    def save_task(self, path: str | Path, task: str | None = None) -> Path:
-        """Write one task to a safetensors file (bit-packed masks, head, norms, metadata)."""
-        return taskfile.save_task(self, self.task(task).task_name, Path(path))
+    def save_task(
+        self,
+        path: str | Path,
+        task: str | None = None,
+        *,
+        codec: str | None = None,
+        head_dtype: str | None = None,
+    ) -> Path:
+        """Write one task to a safetensors file (coded masks, head, norms, metadata).
+
+        codec: how masks are stored ("zstd": entropy-coded; "packed": 1 or 2 bits per weight);
+            None: "zstd" unless packed is smaller (tiny models).
+        head_dtype: "float16" or "bfloat16" stores the head and task norms compactly (lossy);
+            None keeps them as they are.
+        """
+        name = self.task(task).task_name
+        return taskfile.save_task(self, name, Path(path), codec=codec, head_dtype=head_dtype)
 
     def load_task(
         self, path: str | Path, name: str | None = None, *, check_fingerprint: bool = True
@@ -480,9 +494,19 @@ class PiggybackModel(nn.Module):
         the name. `unfreeze_task(name)` makes it trainable again."""
         return taskfile.load_task(self, Path(path), name=name, check_fingerprint=check_fingerprint)
 
-    def save_pretrained(self, directory: str | Path, tasks: list[str] | None = None) -> Path:
-        """Write the model config and one file per task into `directory` (like PEFT)."""
-        return model_dir.save_pretrained(self, Path(directory), tasks)
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        tasks: list[str] | None = None,
+        *,
+        codec: str | None = None,
+        head_dtype: str | None = None,
+    ) -> Path:
+        """Write the model config and one file per task into `directory` (like PEFT); `codec`
+        and `head_dtype` as for `save_task`."""
+        return model_dir.save_pretrained(
+            self, Path(directory), tasks, codec=codec, head_dtype=head_dtype
+        )
 
     @classmethod
     def from_pretrained(

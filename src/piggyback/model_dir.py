@@ -148,18 +148,29 @@ def index_lock(directory: Path) -> Iterator[None]:
         lock.release()
 
 
-def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | None) -> Path:
+def save_pretrained(
+    model: PiggybackModel,
+    directory: Path,
+    tasks: list[str] | None,
+    *,
+    codec: str | None = None,
+    head_dtype: str | None = None,
+) -> Path:
     """Write task files, then the index that lists them; tasks saved earlier are kept.
 
     The whole update holds the directory's lock (`index_lock`), so processes saving tasks into one
     directory at the same time all keep their index entries.
     """
     with index_lock(directory):
-        return _save_pretrained_locked(model, directory, tasks)
+        return _save_pretrained_locked(model, directory, tasks, codec, head_dtype)
 
 
 def _save_pretrained_locked(
-    model: PiggybackModel, directory: Path, tasks: list[str] | None
+    model: PiggybackModel,
+    directory: Path,
+    tasks: list[str] | None,
+    codec: str | None,
+    head_dtype: str | None,
 ) -> Path:
     names = model.tasks if tasks is None else tasks
     index: dict[str, dict[str, Any]] = {}
@@ -173,7 +184,9 @@ def _save_pretrained_locked(
             )
         index = {n: e for n, e in existing["tasks"].items() if (directory / e["file"]).is_file()}
     for name in names:
-        path = save_task(model, name, task_file(directory, name))
+        path = save_task(
+            model, name, task_file(directory, name), codec=codec, head_dtype=head_dtype
+        )
         state = model.task(name)
         index[name] = {
             "file": path.relative_to(directory).as_posix(),

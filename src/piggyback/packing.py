@@ -8,7 +8,10 @@ For bits=1 the layout is byte-for-byte that of `numpy.packbits(x, bitorder="litt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from itertools import chain
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,3 +58,48 @@ def unpack_codes(packed: Tensor, count: int, bits: int) -> Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:count]
+
+
+def pack_sparse(
+    total: int,
+    bits: int,
+    fills: list[tuple[int, int, int]],
+    positions: np.ndarray,
+    deltas: np.ndarray,
+) -> Tensor:
+    """`pack_codes` of `total` codes given as runs plus exceptions, without one byte per code.
+
+    `fills` are (start, stop, code) runs covering [0, total); `positions` (int64, unique) are the
+    codes that differ from their run and `deltas` (uint8, one per position or one for all) their
+    code minus the run's code, modulo 256; `positions` is overwritten. Decoding an entropy-coded
+    mask gives exactly this, and building the packed bytes directly keeps decoding proportional
+    to the number of exceptions (a few percent of the weights) plus one fill of the packed bytes.
+    """
+    per_byte = _check_bits(bits)
+    buffer = np.empty(packed_size(total, bits), dtype=np.uint8)  # every byte is written below
+    partial: dict[int, int] = {}  # bytes shared by two runs (or padding), filled code by code
+    for start, stop, code in fills:
+        first_full, last_full = -(-start // per_byte), stop // per_byte
+        edges: Iterable[int] = range(start, stop)
+        if first_full < last_full:
+            buffer[first_full:last_full] = code * (255 // (2**bits - 1))  # the code in every slot
+            edges = chain(range(start, first_full * per_byte), range(last_full * per_byte, stop))
+        for index in edges:
+            byte = index // per_byte
+            partial[byte] = partial.get(byte, 0) | code << (index % per_byte * bits)
+    if partial:
+        buffer[list(partial)] = list(partial.values())
+    out = torch.from_numpy(buffer)
+    if len(positions):
+        # Adding (code - run code) << slot to every byte, modulo 256, gives each slot its code: the
+        # exact sum of the slots' final codes lies in 0..255, so no carry ever crosses a slot.
+        # per_byte is a power of two, so masks and shifts replace divisions; the work is done in
+        # place, as fresh large arrays cost more than the arithmetic.
+        slots = positions.astype(np.uint8)
+        slots &= per_byte - 1
+        if bits > 1:
+            slots *= bits
+        np.left_shift(deltas, slots, out=slots)
+        np.right_shift(positions, per_byte.bit_length() - 1, out=positions)
+        out.scatter_add_(0, torch.from_numpy(positions), torch.from_numpy(slots))
+    return out

@@ -7,8 +7,13 @@ the task's normalization tensors ("norm/<name>"). JSON metadata under the safete
 names and shapes, the class names, preprocessing and results, the backbone's fingerprint and a
 checksum over all of it (`fileio`). A file is checked completely before the model changes.
 
-Versions: 1 (checksum over tensors only, masks always bit-packed) is still read; 2 adds the
-checksum over the metadata and the `codec` field ("packed": ceil(P * bits / 8) bytes).
+Versions: 1 (checksum over tensors only, masks always bit-packed) and 2 (checksum over the
+metadata too; `codec` always "packed": ceil(P * bits / 8) bytes) are still read. 3 adds masks
+coded by any codec of `mask_codecs` (by default "zstd": entropy-coded, about 0.1-0.3 bit per
+weight for learned masks) with its `codec_params`, and `head_dtype`: the head and the task's
+normalization tensors may be stored in float16 or bfloat16 (lossy, so only on request); they are
+widened back to the model's dtype when loaded. In memory a loaded task's masks are always the
+packed codes, whatever the file's codec.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import piggyback
 from piggyback.errors import FingerprintMismatchError, TaskError, TaskFileError
 from piggyback.fileio import META_KEY, content_checksum, read_checked_safetensors, write_atomic
 from piggyback.heads import new_head
+from piggyback.mask_codecs import DEFAULT_MASK_CODEC, get_mask_codec, mask_codec_names
 from piggyback.methods import FileTensors, get_method, method_names
 from piggyback.packing import packed_size, unpack_codes
 from piggyback.tasks import TaskMetadata, TaskState
@@ -34,25 +40,90 @@ if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
 
 TASK_FORMAT = "piggyback-task"
-TASK_FORMAT_VERSION = 2
+TASK_FORMAT_VERSION = 3
 CHECKED_FROM = 2  # the first version whose checksum covers the metadata
-DEFAULT_CODEC = "packed"
-CODECS = ("packed",)
+CODED_FROM = 3  # the first version whose masks may be coded by another codec than "packed"
+PACKED = "packed"
+HEAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPACT_PREFIXES = ("head/", "norm/")  # what --head-dtype stores compactly
+
+
+# -- masks and compact tensors ------------------------------------------------------------------
+
+
+def encode_masks(
+    packed: Tensor, sizes: list[int], bits: int, codec: str | None
+) -> tuple[Tensor, str, dict[str, Any]]:
+    """(stored masks, codec name, its params) of packed masks. `codec=None` is the default:
+    entropy-coded, unless that is not smaller than packed (tiny models)."""
+    codes = unpack_codes(packed.cpu(), sum(sizes), bits)
+    name = codec or DEFAULT_MASK_CODEC
+    data, params = get_mask_codec(name).encode(codes, sizes, bits)
+    if codec is None and data.numel() >= packed.numel():
+        return packed.cpu(), PACKED, {}
+    return data, name, params
+
+
+def decode_masks(path: Path, meta: dict[str, Any], data: Tensor, sizes: list[int]) -> Tensor:
+    """The packed masks stored in a (checked) file, decoded by its codec."""
+    params = meta.get("codec_params") or {}
+    if not isinstance(params, dict):
+        raise TaskFileError(f"{path}: 'codec_params' must be a JSON object, found {params!r}")
+    bits = meta.get("bits_per_weight")
+    if type(bits) is not int or bits < 1:
+        raise TaskFileError(f"{path}: 'bits_per_weight' missing or malformed ({bits!r})")
+    try:
+        return get_mask_codec(meta.get("codec", PACKED)).decode(data, params, sizes, bits)
+    except TaskFileError as error:
+        raise TaskFileError(f"{path}: {error}") from error
+    except ValueError as error:  # bits the packing does not support
+        raise TaskFileError(f"{path}: {error}") from error
+
+
+def compact(tensors: dict[str, Tensor], head_dtype: str | None) -> dict[str, Tensor]:
+    """The floating head and norm tensors in `head_dtype` (all tensors as they are if None)."""
+    if head_dtype is None:
+        return tensors
+    dtype = head_dtype_of(head_dtype)
+    return {
+        k: v.to(dtype) if k.startswith(COMPACT_PREFIXES) and v.is_floating_point() else v
+        for k, v in tensors.items()
+    }
+
+
+def head_dtype_of(name: str) -> torch.dtype:
+    if name not in HEAD_DTYPES:
+        raise ValueError(f"head dtype must be one of {list(HEAD_DTYPES)}, got {name!r}")
+    return HEAD_DTYPES[name]
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def task_tensors(model: PiggybackModel, name: str) -> dict[str, Tensor]:
-    """The tensors of a task file, by file key (CPU, contiguous, no shared storage)."""
+def task_tensors(
+    model: PiggybackModel, name: str, codec: str | None = None, head_dtype: str | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors of a task file, by file key (CPU, contiguous, no shared storage), and the
+    metadata of its masks' codec."""
     state = model.task(name)
     tensors = dict(state.method.file_tensors(state, model))
+    coding: dict[str, Any] = {"codec": PACKED, "codec_params": {}}
+    if "masks" in tensors:
+        sizes = [t.numel for t in model.targets]
+        tensors["masks"], used, params = encode_masks(
+            tensors["masks"], sizes, model.config.kind.code_bits, codec
+        )
+        coding = {"codec": used, "codec_params": params}
     tensors.update({f"head/{k}": v for k, v in state.head.state_dict().items()})
     tensors.update({f"norm/{n}": v for n, v in state.norms.items()})
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tensors = compact(tensors, head_dtype)
+    coding["head_dtype"] = head_dtype
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, coding
 
 
-def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+def task_metadata(
+    model: PiggybackModel, name: str, tensors: dict[str, Tensor], coding: dict[str, Any]
+) -> dict[str, Any]:
     state = model.task(name)
     config = model.config
     masks = state.method.uses_masks
@@ -60,7 +131,7 @@ def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) 
         "format": TASK_FORMAT,
         "format_version": TASK_FORMAT_VERSION,
         "piggyback_version": piggyback.__version__,
-        "codec": DEFAULT_CODEC,
+        **coding,
         "task": name,
         "method": state.method_name,
         "mask_kind": config.mask_kind if masks else None,
@@ -80,10 +151,22 @@ def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) 
     return meta
 
 
-def save_task(model: PiggybackModel, name: str, path: Path) -> Path:
-    """Write task `name` of `model` to `path` atomically."""
-    tensors = task_tensors(model, name)
-    metadata = {META_KEY: json.dumps(task_metadata(model, name, tensors))}
+def save_task(
+    model: PiggybackModel,
+    name: str,
+    path: Path,
+    *,
+    codec: str | None = None,
+    head_dtype: str | None = None,
+) -> Path:
+    """Write task `name` of `model` to `path` atomically: masks coded by `codec` (None: the
+    default, see `encode_masks`), head and norms in `head_dtype` (None: as the model has them)."""
+    tensors, coding = task_tensors(model, name, codec, head_dtype)
+    return write_task_file(path, tensors, task_metadata(model, name, tensors, coding))
+
+
+def write_task_file(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    metadata = {META_KEY: json.dumps(meta)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -91,17 +174,45 @@ def save_task(model: PiggybackModel, name: str, path: Path) -> Path:
 
 
 def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Metadata and tensors of a task file, checked (format, version, checksum)."""
+    """Metadata and tensors of a task file, checked (format, version, checksum, codec)."""
     meta, tensors = read_checked_safetensors(
         path, TASK_FORMAT, TASK_FORMAT_VERSION, "task file", checked_from=CHECKED_FROM
     )
-    codec = meta.get("codec", DEFAULT_CODEC)
-    if codec not in CODECS:
+    codec = meta.get("codec", PACKED)
+    if codec != PACKED and meta["format_version"] < CODED_FROM:
+        raise TaskFileError(f"{path}: version {meta['format_version']} files hold packed masks")
+    if codec not in mask_codec_names():
         raise TaskFileError(
             f"{path}: masks coded with {codec!r}, which this piggyback ({piggyback.__version__}) "
-            f"does not know (it reads {list(CODECS)}): upgrade piggyback"
+            f"does not know (it reads {mask_codec_names()}): upgrade piggyback"
+        )
+    head_dtype = meta.get("head_dtype")
+    if head_dtype is not None and head_dtype not in HEAD_DTYPES:
+        raise TaskFileError(
+            f"{path}: head stored as {head_dtype!r}, which this piggyback "
+            f"({piggyback.__version__}) does not read ({list(HEAD_DTYPES)}): upgrade piggyback"
         )
     return meta, tensors
+
+
+def widened(path: Path, meta: dict[str, Any], found: dict[str, Tensor], expected: dict) -> dict:
+    """Compactly stored floating tensors (`head_dtype`) in the dtype the model expects, after
+    checking that they were stored in the dtype the file says."""
+    head_dtype = meta.get("head_dtype")
+    if head_dtype is None:
+        return found
+    dtype = HEAD_DTYPES[head_dtype]
+    out = {}
+    for name, tensor in found.items():
+        want = expected.get(name)
+        if tensor.is_floating_point() and want is not None and want.is_floating_point():
+            if tensor.dtype != dtype:
+                raise TaskFileError(
+                    f"{path}: tensor {name!r} is {tensor.dtype}, the file says {head_dtype}"
+                )
+            tensor = tensor.to(want.dtype)
+        out[name] = tensor
+    return out
 
 
 def check_backbone(model: PiggybackModel, source: Path, found: Any, spec: Any = None) -> None:
@@ -190,17 +301,21 @@ class FileReader(FileTensors):
         self.model, self.path, self.meta, self.tensors = model, path, meta, tensors
 
     def masks(self) -> Tensor:
-        """The packed masks, after the mask settings, size and code checks."""
+        """The packed masks (decoded by the file's codec), after the mask settings, size and
+        code checks."""
         model, path = self.model, self.path
         _check_mask_settings(model, path, self.meta)
         kind = model.config.kind
+        data = self.tensors.get("masks")
+        if data is None:
+            raise TaskFileError(f"{path}: no 'masks' tensor")
+        sizes = [t.numel for t in model.targets]
+        masks = decode_masks(path, {**self.meta, "bits_per_weight": kind.code_bits}, data, sizes)
         expected = packed_size(model.num_masked, kind.code_bits)
-        masks = self.tensors.get("masks")
-        if masks is None or masks.dtype != torch.uint8 or masks.shape != (expected,):
-            found = None if masks is None else f"{masks.dtype} {tuple(masks.shape)}"
+        if masks.dtype != torch.uint8 or masks.shape != (expected,):
             raise TaskFileError(
                 f"{path}: expected 'masks' as uint8 ({expected},) for {model.num_masked} weights "
-                f"at {kind.code_bits} bit(s) each, found {found}"
+                f"at {kind.code_bits} bit(s) each, found {masks.dtype} {tuple(masks.shape)}"
             )
         if kind.num_codes < 2**kind.code_bits:
             codes = unpack_codes(masks, model.num_masked, kind.code_bits)
@@ -214,7 +329,7 @@ class FileReader(FileTensors):
         """The file's tensors under `prefix`, checked against the backbone's (all, or `names`)."""
         backbone = self.model.backbone_tensors(exclude_head=True)
         expected = backbone if names is None else {n: backbone[n] for n in names}
-        found = _take(self.tensors, prefix)
+        found = widened(self.path, self.meta, _take(self.tensors, prefix), expected)
         _check_named_tensors(self.path, prefix.rstrip("/"), found, expected)
         return _like(found, backbone)
 
@@ -223,6 +338,7 @@ def _build_head(model: PiggybackModel, path: Path, meta: dict, found: dict[str, 
     num_classes = meta.get("num_classes")
     head_classes = num_classes if type(num_classes) is int and num_classes >= 1 else None
     head = new_head(model.original_head, head_classes, seed=0)
+    found = widened(path, meta, found, head.state_dict())
     _check_named_tensors(path, "head", found, head.state_dict())
     head.load_state_dict(found)
     return head.to(model.device), head_classes

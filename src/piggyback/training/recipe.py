@@ -33,6 +33,7 @@ from piggyback.device import PRECISIONS
 from piggyback.mask_kinds import mask_kind_names
 from piggyback.methods import get_method, method_names
 from piggyback.options import check_option, flag_name, option, option_fields
+from piggyback.taskfile import HEAD_DTYPES
 from piggyback.tasks import check_task_name
 
 if sys.version_info >= (3, 11):
@@ -114,6 +115,14 @@ class TrainConfig:
         "Own normalization per task, trained (or frozen, the backbone's).",
         panel=MASKING,
         flag="--task-norms/--frozen-norms",
+    )
+    head_dtype: str | None = option(
+        None,
+        "Save the head and task norms as float16 or bfloat16: smaller task files, slightly "
+        "rounded weights.",
+        panel=MODEL,
+        choices=tuple(HEAD_DTYPES),
+        default_text="float32",
     )
     # Optimization.
     epochs: int = option(30, "Training epochs.", panel=OPTIMIZATION, low=1, high=100_000)
@@ -250,7 +259,9 @@ class TrainConfig:
 
 
 #: Options that may differ when a run is resumed: they do not change its result...
-RESUMABLE_CHANGES = ("workers", "progress", "device", "tensorboard", "download", "channels_last")
+RESUMABLE_CHANGES = (
+    "workers", "progress", "device", "tensorboard", "download", "channels_last", "head_dtype",
+)  # fmt: skip
 #: ... and those that do but may change on purpose (e.g. lowered after a NaN loss); a resumed run
 #: applies them from its next epoch and records the change in its metrics.
 LEARNING_RATES = ("lr", "lr_scores", "lr_head")

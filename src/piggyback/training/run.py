@@ -294,8 +294,9 @@ class Run:
         state.epoch = epoch + 1
         if state.best is None or record["val_top1"] > state.best["val_top1"]:
             state.best = record
-            tensors = task_tensors(self.model, cfg.task)
-            state.best_task = (task_metadata(self.model, cfg.task, tensors), tensors)
+            # Packed: cheap to write at every new best epoch; the saved task file is coded.
+            tensors, coding = task_tensors(self.model, cfg.task, codec="packed")
+            state.best_task = (task_metadata(self.model, cfg.task, tensors, coding), tensors)
 
     def finish(self) -> RunResult:
         """Keep the best validation epoch's task, test it, save it into the model directory."""
@@ -330,7 +331,7 @@ class Run:
             "val_split": self.splits.val_origin,
         }
         if self.processes.is_main:
-            model.save_pretrained(self.model_dir, tasks=[cfg.task])
+            model.save_pretrained(self.model_dir, tasks=[cfg.task], head_dtype=cfg.head_dtype)
             write_json_atomic(self.run_dir / "results.json", {**summary, "val": val, "test": test})
         self.processes.barrier()  # the files exist for every process once train() returns
         history = self.state.history
