@@ -44,7 +44,7 @@ def trained_dir(tiny_data, tiny_weights, tmp_path_factory):
 
 
 def test_every_command_has_help():
-    for command in ("train", "eval", "predict", "info", "export"):
+    for command in ("train", "eval", "predict", "info", "export", "serve"):
         assert "Usage" in invoke(command, "--help")
 
 

@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, export.
+"""The `piggyback` command: train, eval, predict, info, export, serve.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from piggyback.errors import PiggybackError
+from piggyback.serving.command import serve_command
 
 app = typer.Typer(
     name="piggyback",
@@ -275,6 +276,9 @@ def export(
     )
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")
+
+
+app.command("serve")(friendly_errors(serve_command))
 
 
 @app.callback()

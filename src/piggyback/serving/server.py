@@ -1,0 +1,57 @@
+"""Running the API in one process with uvicorn: what `piggyback serve` does.
+
+Threads are sized on purpose. The worker thread that runs the batches gets `threads` intra-op
+threads (default: the cores this process may use) and one inter-op thread; the event loop only
+parses, decodes and answers. Left alone, torch and the decoding threads would each size
+themselves to every core and slow each other down (badly so on small machines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from piggyback.serving.app import ServeSettings, create_app
+from piggyback.serving.engine import ModelEngine
+
+__all__ = ["available_cores", "configure_threads", "serve"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's thread pools once, before the first forward pass; returns the intra-op count."""
+    count = threads or available_cores()
+    torch.set_num_threads(count)
+    # Only possible before torch's first parallel work in this process; otherwise keep it.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return count
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    threads: int | None = None,
+    settings: ServeSettings | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load the model directory and answer HTTP requests until interrupted."""
+    import uvicorn
+
+    configure_threads(threads)
+    engine = ModelEngine(model_dir, device=device)
+    app = create_app(engine, settings or ServeSettings.with_env_key())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
