@@ -40,3 +40,7 @@ def image_bytes(seed: int, size: tuple[int, int] = (40, 36), fmt: str = "PNG") -
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def open_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
