@@ -61,6 +61,15 @@ class ServeSettings:
     default_top_k: int = 5
     api_key: str | None = None
 
+    def __post_init__(self) -> None:
+        lowest = {"max_batch_size": 1, "max_wait_ms": 0, "max_image_pixels": 1, "default_top_k": 1}
+        for name, low in lowest.items():
+            if getattr(self, name) < low:
+                option = "--" + name.replace("_", "-")
+                raise ValueError(f"{option} must be >= {low}, got {getattr(self, name)}")
+        if self.max_upload_mb <= 0:
+            raise ValueError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+
     @classmethod
     def with_env_key(cls, **values: Any) -> ServeSettings:
         """Settings whose api_key falls back to the PIGGYBACK_API_KEY environment variable."""

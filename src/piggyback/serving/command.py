@@ -79,5 +79,4 @@ def serve_command(
         return
     from piggyback.serving.server import serve
 
-    typer.echo(f"serving {model_dir} on http://{host}:{port} (docs: /docs)")
     serve(model_dir, host=host, port=port, device=target, threads=threads, settings=settings)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from piggyback.serving.app import ServeSettings, create_app
 from piggyback.serving.engine import ModelEngine
 
-__all__ = ["available_cores", "configure_threads", "serve"]
+__all__ = ["available_cores", "configure_threads", "running_server", "serve"]
 
 
 def available_cores() -> int:
@@ -51,7 +54,38 @@ def serve(
     """Load the model directory and answer HTTP requests until interrupted."""
     import uvicorn
 
-    configure_threads(threads)
+    count = configure_threads(threads)
     engine = ModelEngine(model_dir, device=device)
     app = create_app(engine, settings or ServeSettings.with_env_key())
+    print(
+        f"serving {len(engine.tasks)} task(s) of {model_dir} on http://{host}:{port} "
+        f"({device}, {count} torch thread(s); API docs at /docs)",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@contextlib.contextmanager
+def running_server(app, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread; yields its URL (`port=0`: a free port).
+
+    For tests, notebooks and benchmarks that need a real HTTP server in this process.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
