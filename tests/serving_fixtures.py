@@ -12,6 +12,7 @@ from PIL import Image
 
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
+from piggyback.images import decode_image
 from piggyback.training.run import preprocess_info
 
 #: task -> class names of the saved model.
@@ -43,4 +44,4 @@ def image_bytes(seed: int, size: tuple[int, int] = (40, 36), fmt: str = "PNG") -
 
 
 def open_image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return decode_image(data)

@@ -70,12 +70,12 @@ HUGE = huge_real_png()
 
 #: name -> (send(client) -> response, expected status, expected error code, words in the message)
 CASES = {
-    "text_file": (lambda c: post(c, b"hello, not an image"), 400, "not_an_image", "not an image"),
-    "truncated_png": (lambda c: post(c, GOOD[: len(GOOD) // 2]), 400, "corrupt_image", "truncated"),
+    "text_file": (lambda c: post(c, b"hello, not an image"), 400, "invalid_image", "not an image"),
+    "truncated_png": (lambda c: post(c, GOOD[: len(GOOD) // 2]), 400, "invalid_image", "truncated"),
     "truncated_jpeg": (
         lambda c: post(c, JPEG[: len(JPEG) // 2]),
         400,
-        "corrupt_image",
+        "invalid_image",
         "truncated",
     ),
     "empty_file": (lambda c: post(c, b""), 400, "empty_image", "empty"),

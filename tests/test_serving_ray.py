@@ -78,4 +78,4 @@ def test_two_replicas_answer_two_tasks_like_the_model(ray_serve, tiny_weights, t
         )
     assert httpx.get(url + "/health").json() == {"status": "ok", "tasks": 2}
     bad = httpx.post(url + "/v1/predict", files={"image": ("x.png", b"nope", "image/png")})
-    assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"

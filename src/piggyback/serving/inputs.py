@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,8 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from piggyback.errors import ImageError, ImageTooLargeError
+from piggyback.images import decode_image
 from piggyback.serving.engine import AUTO
 
 __all__ = ["PredictInput", "RequestError", "decode_upload", "read_predict_request"]
@@ -136,29 +136,12 @@ def _top_k(value: Any, default: int) -> int:
 
 
 def decode_upload(data: bytes, index: int, *, max_pixels: int) -> Image.Image:
-    """An uploaded image as 8-bit RGB; a non-image, truncated data or too many pixels refused."""
-    name = f"image {index}"
+    """An uploaded image as 8-bit RGB (see `piggyback.images.decode_image`), or a RequestError:
+    413 for too many pixels (checked on the header, before decoding), 400 for a non-image or
+    truncated data."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise RequestError(413, "image_too_large", f"{name} is refused: {error}") from error
-    except Exception as error:  # Pillow raises many types on data that is no image
-        raise RequestError(
-            400, "not_an_image", f"{name} is not an image Pillow can read (JPEG, PNG, ...)"
-        ) from error
-    width, height = image.size
-    if width * height > max_pixels:
-        raise RequestError(
-            413,
-            "image_too_large",
-            f"{name} is {width}x{height} = {width * height:,} pixels, more than the limit of "
-            f"{max_pixels:,}: send a smaller image",
-        )
-    try:
-        return image.convert("RGB")
-    except Exception as error:  # truncated or corrupted pixel data
-        raise RequestError(
-            400, "corrupt_image", f"{name} is truncated or corrupted: send the whole file"
-        ) from error
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as error:
+        raise RequestError(413, "image_too_large", f"image {index}: {error}") from error
+    except ImageError as error:
+        raise RequestError(400, "invalid_image", f"image {index}: {error}") from error

@@ -66,7 +66,7 @@ class PredictJSON(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(examples=["not_an_image"])
+    code: str = Field(examples=["invalid_image"])
     message: str
 
 
