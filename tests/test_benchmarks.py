@@ -64,3 +64,25 @@ def test_cost_benchmark_reports_ratios(tmp_path):
     assert result["inference"]["batch1"]["ratio"] > 0
     assert json.loads((out / "results.json").read_text())["environment"]["machine"]["cores"]
     assert "pb / ft time" in (out / "table.md").read_text()
+
+
+def test_serve_load_benchmark_compares_batched_and_one_at_a_time_servers(tiny_weights, tmp_path):
+    serve_load = load("serve_load")
+    out = tmp_path / "serve"
+    report = serve_load.main(
+        ["--backbone", "timm:test_efficientnet", "--weights", str(tiny_weights), "--tasks", "2",
+         "--image-size", "32", "--num-images", "4", "--clients", "1", "4", "--requests", "8",
+         "--repeats", "1", "--max-batch-size", "4", "--threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    assert report["tasks"] == ["task0", "task1"]
+    for clients in ("1", "4"):
+        row = report["results"][clients]
+        for mode in ("batched", "one_at_a_time"):
+            assert row[mode]["requests"] == 8 and row[mode]["failures"] == 0
+            assert 0 < row[mode]["p50_ms"] <= row[mode]["p99_ms"]
+        assert row["one_at_a_time"]["mean_batch_size"] == 1.0
+        assert row["speedup"] == round(
+            row["batched"]["throughput_rps"] / row["one_at_a_time"]["throughput_rps"], 2
+        )
+    assert 1.0 <= report["results"]["4"]["batched"]["mean_batch_size"] <= 4
+    assert "| 4 |" in (out / "table.md").read_text()

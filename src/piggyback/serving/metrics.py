@@ -81,6 +81,7 @@ class Metrics:
                 "queue_length": queue_length,
                 "batches": {
                     "count": batches,
+                    "items": items,
                     "mean_size": round(items / batches, 3) if batches else 0,
                     "max_size": max(self._batch_sizes, default=0),
                     "sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
