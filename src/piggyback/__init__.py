@@ -21,14 +21,17 @@ from piggyback.errors import (
     UnsupportedModelError,
 )
 from piggyback.model import PiggybackModel
+from piggyback.predictor import Predictor, TaskPrediction
 
 __all__ = [
     "FingerprintMismatchError",
     "PiggybackConfig",
     "PiggybackError",
     "PiggybackModel",
+    "Predictor",
     "TaskError",
     "TaskFileError",
+    "TaskPrediction",
     "UnsupportedModelError",
     "__version__",
 ]

@@ -8,6 +8,8 @@ because a task's head usually has another number of classes than the backbone's.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,6 +30,15 @@ class TaskHeads(nn.Module):
         if self.active is None:
             raise TaskError("no task is set: call model.set_task(name) first")
         return self.heads[self.active](*args, **kwargs)
+
+    @contextmanager
+    def routed_to(self, name: str) -> Iterator[None]:
+        """Run task `name`'s head within the block (the caller holds the model's swap lock)."""
+        active, self.active = self.active, name
+        try:
+            yield
+        finally:
+            self.active = active
 
 
 def _first_param(module: nn.Module) -> torch.Tensor | None:

@@ -35,14 +35,8 @@ from piggyback.targets import (
     in_subtree,
     is_norm,
 )
+from piggyback.task_cache import TaskCache
 from piggyback.tasks import Method, TaskState, check_task_name
-
-
-def _version(tensor: Tensor) -> int:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors have no version counter and cannot change
-        return -1
 
 
 class PiggybackModel(nn.Module):
@@ -93,7 +87,8 @@ class PiggybackModel(nn.Module):
         ]
         self._active: str | None = None
         self._slots: dict[str, Slot] = {}
-        self._cache: tuple[tuple, list[Tensor]] | None = None
+        # Masked weights of recently used tasks (eval mode); one task unless configured otherwise.
+        self.task_cache = TaskCache(max_tasks=1)
         # Swapping tensors into the shared backbone is not safe from two threads at once; the
         # lock makes concurrent forward passes wait instead of mixing each other's weights.
         self._swap_lock = threading.RLock()
@@ -165,12 +160,19 @@ class PiggybackModel(nn.Module):
         self.install_task(state, new_head(self.heads.original, num_classes, seed))
         return state
 
-    def install_task(self, state: TaskState, head: nn.Module) -> None:
-        """Register a fully built task and its head (add_task, loading files, checkpoints)."""
-        if state.task_name in self.task_states:
-            raise TaskError(f"task {state.task_name!r} already exists")
-        self.task_states[state.task_name] = state
-        self.heads.heads[state.task_name] = head
+    def install_task(self, state: TaskState, head: nn.Module, *, replace: bool = False) -> None:
+        """Register a fully built task and its head (add_task, loading files, checkpoints).
+
+        `replace=True` swaps out a task of the same name in one step: forward passes running in
+        other threads finish first, and none sees the old task afterwards.
+        """
+        with self._swap_lock:
+            if state.task_name in self.task_states:
+                if not replace:
+                    raise TaskError(f"task {state.task_name!r} already exists")
+                self.delete_task(state.task_name)
+            self.task_states[state.task_name] = state
+            self.heads.heads[state.task_name] = head
         state.requires_grad_(False)
         head.requires_grad_(False)
 
@@ -185,18 +187,18 @@ class PiggybackModel(nn.Module):
         for group in self._parameter_groups(state).values():
             for param in group:
                 param.requires_grad_(True)
-        self._cache = None
         self._sync_norm_modes()
 
     def delete_task(self, name: str) -> None:
-        """Remove a task and its head; other tasks are untouched."""
+        """Remove a task and its head; other tasks are untouched (waits for running forwards)."""
         self.task(name)
-        del self.task_states[name]
-        del self.heads.heads[name]
-        if self._active == name:
-            self._active = None
-            self.heads.active = None
-        self._cache = None
+        with self._swap_lock:
+            del self.task_states[name]
+            del self.heads.heads[name]
+            if self._active == name:
+                self._active = None
+                self.heads.active = None
+            self.task_cache.discard(name)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class PiggybackModel(nn.Module):
 
     def train(self, mode: bool = True) -> PiggybackModel:
         super().train(mode)
-        self._cache = None
+        self.task_cache.clear()
         self._sync_norm_modes()
         return self
 
@@ -235,16 +237,37 @@ class PiggybackModel(nn.Module):
             return backbone(*args, **kwargs)
 
     @contextmanager
-    def task_applied(self) -> Iterator[nn.Module]:
-        """Within this block the backbone computes with the active task's weights.
+    def task_applied(self, task: str | None = None) -> Iterator[nn.Module]:
+        """Within this block the backbone computes with a task's weights and head.
 
         For other backbone methods: `with m.task_applied() as b: b.forward_features(x)`.
+        `task` (default: the active task) applies another task for this block only, without
+        changing the active one; threads each running their own task take turns.
         """
-        state = self.task()
+        state = self.task(task)
         names = state.swapped_names(self.targets)
         slots = [self._slot(n) for n in names]
-        with self._swap_lock, swapped(slots, self._task_tensors(state)):
+        with (
+            self._swap_lock,
+            swapped(slots, self._task_tensors(state)),
+            self.heads.routed_to(state.task_name),
+        ):
             yield self.backbone
+
+    def backbone_features(self, *args, **kwargs) -> Tensor:
+        """What the frozen backbone, with no task applied, hands to its head (pooled features).
+
+        Task routing compares these with each task's prototypes (`piggyback.routing`). A feature
+        map (before a convolutional head) is averaged over its spatial positions.
+        """
+        with self._swap_lock:
+            heads = self.heads
+            self.backbone.set_submodule(self.head_name, nn.Identity())
+            try:
+                features = self.backbone(*args, **kwargs)
+            finally:
+                self.backbone.set_submodule(self.head_name, heads)
+        return features.flatten(2).mean(2) if features.dim() > 2 else features
 
     def _slot(self, name: str) -> Slot:
         if name not in self._slots:
@@ -258,12 +281,14 @@ class PiggybackModel(nn.Module):
         )
         if needs_graph:
             return self._compute_tensors(state)
-        inputs = state.mask_inputs() + [self._slot(t.name).get() for t in self.targets]
-        key = (state.task_name, id(state), tuple((id(t), _version(t)) for t in inputs))
-        if self._cache is None or self._cache[0] != key:
+        weights = [self._slot(t.name).get() for t in self.targets]
+        sources = [state, *state.mask_inputs(), *weights, *state.own_tensors()]
+
+        def compute() -> list[Tensor]:
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self._compute_tensors(state))
-        return self._cache[1]
+                return self._compute_tensors(state)
+
+        return self.task_cache.get(state.task_name, sources, compute)
 
     def _compute_tensors(self, state: TaskState) -> list[Tensor]:
         tensors = []
@@ -276,7 +301,7 @@ class PiggybackModel(nn.Module):
         return tensors + state.own_tensors()
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # .to() / .cuda() / .half() give new tensors
+        self.task_cache.clear()  # .to() / .cuda() / .half() give new tensors
         return super()._apply(fn, recurse)
 
     # -- inspection -----------------------------------------------------------------------------
@@ -354,7 +379,7 @@ class PiggybackModel(nn.Module):
         backbone.train(self.training)  # norm modules follow the model's mode again
         self.task_states = nn.ModuleDict()
         self._active = None
-        self._cache = None
+        self.task_cache.clear()
         self._slots = {}
         return backbone
 
@@ -367,12 +392,22 @@ class PiggybackModel(nn.Module):
         return save_task(self, self.task(task).task_name, Path(path))
 
     def load_task(
-        self, path: str | Path, name: str | None = None, *, check_fingerprint: bool = True
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        check_fingerprint: bool = True,
+        replace: bool = False,
     ) -> str:
-        """Add the task stored in `path` as `name` (default: its saved name); returns the name."""
+        """Add the task stored in `path` as `name` (default: its saved name); returns the name.
+
+        `replace=True` replaces a task of that name once the file has been checked completely.
+        """
         from piggyback.serialization import load_task
 
-        return load_task(self, Path(path), name=name, check_fingerprint=check_fingerprint)
+        return load_task(
+            self, Path(path), name=name, check_fingerprint=check_fingerprint, replace=replace
+        )
 
     def save_pretrained(self, directory: str | Path, tasks: list[str] | None = None) -> Path:
         """Write the model config and one file per task into `directory` (like PEFT)."""

@@ -31,6 +31,7 @@ from piggyback.fingerprint import fingerprint
 from piggyback.heads import new_head
 from piggyback.masks import BITS_PER_WEIGHT
 from piggyback.packing import packed_size, unpack_codes
+from piggyback.routing import read_routing_profile
 from piggyback.tasks import METHODS, TaskState
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ def task_tensors(model: PiggybackModel, name: str) -> dict[str, Tensor]:
         tensors[f"norm/{tensor_name}"] = value
     for tensor_name, value in state.weights.items():
         tensors[f"weight/{tensor_name}"] = value
+    if state.routing is not None:
+        tensors.update(state.routing.file_tensors())
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
@@ -121,6 +124,7 @@ def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) 
         "backbone_fingerprint": model.fingerprint,
         "backbone_spec": model.backbone_spec,
         "info": state.info,
+        "routing": state.routing.file_metadata() if state.routing is not None else None,
         "checksum": fingerprint(tensors),
     }
 
@@ -291,6 +295,7 @@ def build_task_state(
     class_names = meta.get("class_names")
     state = TaskState(name, method, num_classes=meta.get("num_classes"), class_names=class_names)
     state.info = dict(meta.get("info") or {})
+    state.routing = read_routing_profile(path, meta.get("routing"), tensors)
     device = model.device
     if method == "piggyback":
         _check_mask_settings(model, path, meta)
@@ -318,21 +323,27 @@ def _like(found: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, T
 
 
 def load_task(
-    model: PiggybackModel, path: Path, *, name: str | None = None, check_fingerprint: bool = True
+    model: PiggybackModel,
+    path: Path,
+    *,
+    name: str | None = None,
+    check_fingerprint: bool = True,
+    replace: bool = False,
 ) -> str:
-    """Check a task file completely, then add it to `model`; returns the task's name."""
+    """Check a task file completely, then add it to `model` (or `replace` a task of that name);
+    returns the task's name."""
     meta, tensors = read_task_file(path)
     if check_fingerprint:
         check_backbone(model, path, meta.get("backbone_fingerprint"), meta.get("backbone_spec"))
     name = name or meta.get("task")
     if not isinstance(name, str):
         raise TaskFileError(f"{path}: no task name in the file; pass name=...")
-    if name in model.task_states:
+    if name in model.task_states and not replace:
         raise TaskError(
             f"task {name!r} already exists; delete_task({name!r}) or load it as another name"
         )
     state, head = build_task_state(model, path, meta, tensors, name)
-    model.install_task(state, head)
+    model.install_task(state, head, replace=replace)
     return name
 
 

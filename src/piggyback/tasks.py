@@ -97,6 +97,8 @@ class TaskState(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         # JSON-serialisable facts saved with the task: preprocessing it was trained with, results.
         self.info: dict = {}
+        # Feature prototypes for routing inputs to this task (`piggyback.routing`), or None.
+        self.routing = None
         self.scores = TensorStore()  # piggyback, trainable
         self.register_buffer("packed_masks", None)  # piggyback, frozen (loaded from a file)
         self.norms = TensorStore()  # task-specific normalization tensors

@@ -27,6 +27,8 @@ from piggyback.backbones import Backbone, create_backbone
 from piggyback.data import DatasetSplits, ImageDataset, load_splits, resize_size, transforms_for
 from piggyback.errors import PiggybackError
 from piggyback.model import PiggybackModel
+from piggyback.route_fit import fit_routing_profile, routing_batches
+from piggyback.routing import RoutingProfile
 from piggyback.serialization import (
     CONFIG_NAME,
     build_task_state,
@@ -443,6 +445,7 @@ class Run:
             },
         }
         if self.processes.is_main:
+            task_state.routing = self.routing_profile()
             model.save_pretrained(self.model_dir, tasks=[cfg.task])
             write_json_atomic(self.run_dir / "results.json", {**summary, "val": val, "test": test})
         self.processes.barrier()  # the files exist for every process once train() returns
@@ -452,6 +455,14 @@ class Run:
         )
         self.log(_summary_line(result))
         return result
+
+    def routing_profile(self) -> RoutingProfile:
+        """Prototypes for `tasks="auto"` from the training images (see piggyback.routing)."""
+        cfg = self.cfg
+        batches = routing_batches(
+            self.splits.train, self.preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
+        )
+        return fit_routing_profile(self.model, batches, self.preprocess)
 
 
 def _summary_line(result: RunResult) -> str:
