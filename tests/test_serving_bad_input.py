@@ -16,13 +16,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serving_fixtures import image_bytes, save_two_task_model
 
+from piggyback import Predictor
 from piggyback.serving.app import ServeSettings, create_app
-from piggyback.serving.engine import ModelEngine
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_weights, tmp_path_factory):
-    return ModelEngine(save_two_task_model(tmp_path_factory.mktemp("bad") / "m", tiny_weights))
+    return Predictor.from_pretrained(
+        save_two_task_model(tmp_path_factory.mktemp("bad") / "m", tiny_weights)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from serving_fixtures import image_bytes, open_image, save_two_task_model
 
+from piggyback import Predictor
 from piggyback.serving.app import ServeSettings
-from piggyback.serving.engine import ModelEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -68,7 +68,7 @@ def test_two_replicas_answer_two_tasks_like_the_model(ray_serve, tiny_weights, t
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, requests))
-    engine = ModelEngine(model_dir)
+    engine = Predictor.from_pretrained(model_dir, device="cpu")
     for (seed, task), answer in zip(requests, answers, strict=True):
         (expected,) = engine.predict([open_image(image_bytes(seed))], [task], top_k=2)
         assert answer["task"] == task

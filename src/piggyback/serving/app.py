@@ -1,6 +1,6 @@
 """The HTTP API as a FastAPI app: one backbone answering every task, batched across clients.
 
-`create_app(engine, settings)` is used as is by `piggyback serve` (uvicorn, one process, the
+`create_app(predictor, settings)` is used as is by `piggyback serve` (uvicorn, one process, the
 `DynamicBatcher`) and by the Ray Serve deployment (`ray_app`), which passes its own `submit`
 built on Ray Serve's batching instead. Routes: the page (/), /health, /v1/tasks, /v1/predict,
 /metrics and the generated OpenAPI docs (/docs, /openapi.json).
@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piggyback import __version__
+from piggyback.routing import AUTO
 from piggyback.serving.batching import DynamicBatcher, OverloadedError
-from piggyback.serving.engine import AUTO, Engine
 from piggyback.serving.inputs import RequestError, decode_upload, read_predict_request
 from piggyback.serving.metrics import Metrics
 from piggyback.serving.middleware import BearerAuth, BodyLimit, CountResponses, error_response
@@ -41,6 +41,20 @@ __all__ = ["API_KEY_ENV", "ServeSettings", "create_app"]
 
 #: Environment variable read for the bearer token when no --api-key is given.
 API_KEY_ENV = "PIGGYBACK_API_KEY"
+
+
+class Engine(Protocol):
+    """What the API needs from the model: a `piggyback.Predictor` (or a stand-in)."""
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def task_description(self, name: str) -> dict[str, Any]: ...
+
+    def predict(self, images: list, tasks: list[str], *, top_k: int) -> list:
+        """One `TaskPrediction` per image; `tasks[i]` is a task name or "auto"."""
+        ...
+
 
 #: (images, tasks, top_k) -> answers, awaited; the DynamicBatcher's or Ray Serve's batching.
 Submit = Callable[[Sequence[Any], Sequence[str], int], Awaitable[list[Any]]]
@@ -189,7 +203,7 @@ def _add_routes(
     @app.get("/v1/tasks", response_model=TasksResponse, responses=_ERRORS, tags=["predict"])
     def tasks() -> dict[str, Any]:
         """The tasks served, with their classes and metadata (preprocessing, results)."""
-        return {"tasks": [engine.task_description(name) for name in engine.tasks]}
+        return {"tasks": [_task_info(engine.task_description(name)) for name in engine.tasks]}
 
     @app.get("/metrics", tags=["server"], responses=_ERRORS)
     def metrics_route() -> dict[str, Any]:
@@ -243,12 +257,24 @@ def _add_routes(
         return {"results": results}
 
 
+def _task_info(description: dict[str, Any]) -> dict[str, Any]:
+    """A Predictor's task description as the API's TaskInfo (name, classes, the rest metadata)."""
+    main = {"task", "num_classes", "classes"}
+    return {
+        "name": description["task"],
+        "num_classes": description["num_classes"],
+        "classes": description["classes"],
+        "metadata": {k: v for k, v in description.items() if k not in main},
+    }
+
+
 def _result(image: int, asked: str, answer: Any) -> dict[str, Any]:
     return {
         "image": image,
         "task": answer.task,
         "requested": asked,
-        "routing_confidence": answer.confidence if asked == AUTO else None,
+        "routing_confidence": answer.confidence if answer.routed else None,
+        "routed_by": getattr(answer, "routed_by", None) if answer.routed else None,
         "predictions": [{"label": label, "probability": p} for label, p in answer.top],
     }
 

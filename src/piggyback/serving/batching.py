@@ -3,11 +3,12 @@
 A backbone forward pass over 16 images costs far less than 16 passes over one (the weights are
 read once, the matrix products are larger), so the server gathers what arrives within
 `max_wait_ms` of the first waiting request, up to `max_batch_size` images, whatever their tasks
-(the engine groups a mixed-task batch itself). While a batch runs, the next one fills up, so
-under load batches grow by themselves and the wait is rarely paid.
+(`Predictor.predict` runs a mixed-task batch once per task). While a batch runs, the next one
+fills up, so under load batches grow by themselves and the wait is rarely paid.
 
 Inference runs in one worker thread: the event loop keeps accepting, decoding and answering
-requests meanwhile, and the engine (not thread-safe) is never called from two threads.
+requests meanwhile, and one forward pass at a time gets all of torch's threads (two passes at
+once would only take turns on the model's weight-swap lock).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from piggyback.errors import PiggybackError
 
 __all__ = ["DynamicBatcher", "OverloadedError"]
 
-#: (images, tasks, top_k) -> one answer per image; see `piggyback.serving.engine.Engine.predict`.
+#: (images, tasks, top_k) -> one answer per image; see `piggyback.Predictor.predict`.
 BatchFunction = Callable[[list[Any], list[str], int], list[Any]]
 
 

@@ -49,6 +49,9 @@ def serve_command(
     threads: Annotated[
         int | None, Opt(help="Torch threads of the inference worker (default: all cores).")
     ] = None,
+    max_cached_tasks: Annotated[
+        int, Opt(help="Tasks whose masked weights stay computed in memory (LRU).")
+    ] = 4,
     ray: Annotated[
         bool, Opt("--ray", help="Serve on Ray Serve (replicas behind its HTTP proxy).")
     ] = False,
@@ -75,8 +78,25 @@ def serve_command(
     if ray:
         from piggyback.serving.ray_app import run_on_ray
 
-        run_on_ray(model_dir, settings, host=host, port=port, replicas=replicas, device=target)
+        run_on_ray(
+            model_dir,
+            settings,
+            host=host,
+            port=port,
+            replicas=replicas,
+            device=target,
+            threads=threads,
+            max_cached_tasks=max_cached_tasks,
+        )
         return
     from piggyback.serving.server import serve
 
-    serve(model_dir, host=host, port=port, device=target, threads=threads, settings=settings)
+    serve(
+        model_dir,
+        host=host,
+        port=port,
+        device=target,
+        threads=threads,
+        max_cached_tasks=max_cached_tasks,
+        settings=settings,
+    )

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from piggyback.errors import ImageError, ImageTooLargeError
 from piggyback.images import decode_image
-from piggyback.serving.engine import AUTO
+from piggyback.routing import AUTO
 
 __all__ = ["PredictInput", "RequestError", "decode_upload", "read_predict_request"]
 

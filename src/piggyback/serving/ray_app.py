@@ -24,8 +24,8 @@ from typing import Any
 
 from ray import serve
 
+from piggyback.predictor import Predictor
 from piggyback.serving.app import ServeSettings, create_app
-from piggyback.serving.engine import ModelEngine
 from piggyback.serving.metrics import Metrics
 from piggyback.serving.server import configure_threads
 
@@ -38,10 +38,17 @@ class PiggybackDeployment:
     """One replica: the model directory loaded once, its tasks answered in batches."""
 
     def __init__(
-        self, model_dir: str, settings: dict[str, Any], device: str, threads: int | None
+        self,
+        model_dir: str,
+        settings: dict[str, Any],
+        device: str,
+        threads: int | None,
+        max_cached_tasks: int | None,
     ) -> None:
         configure_threads(threads)
-        self.engine = ModelEngine(model_dir, device=device)
+        self.engine = Predictor.from_pretrained(
+            model_dir, device=device, max_cached_tasks=max_cached_tasks
+        )
         self.settings = ServeSettings(**settings)
         self.metrics = Metrics()
         self._predict_item.set_max_batch_size(self.settings.max_batch_size)
@@ -74,6 +81,7 @@ def build(
     replicas: int = 1,
     device: str = "cpu",
     threads: int | None = None,
+    max_cached_tasks: int | None = 4,
     num_cpus: float = 1.0,
 ):
     """The bound deployment (for `serve.run`): `replicas` copies, `num_cpus` each."""
@@ -87,7 +95,7 @@ def build(
     if device.startswith("cuda"):
         options["ray_actor_options"]["num_gpus"] = 1
     return PiggybackDeployment.options(**options).bind(
-        str(Path(model_dir).resolve()), asdict(settings), device, threads
+        str(Path(model_dir).resolve()), asdict(settings), device, threads, max_cached_tasks
     )
 
 
@@ -99,13 +107,23 @@ def run_on_ray(
     port: int = 8000,
     replicas: int = 1,
     device: str = "cpu",
+    threads: int | None = None,
+    max_cached_tasks: int | None = 4,
 ) -> None:
     """Start (or join) Ray, serve the model behind Ray Serve's proxy, and wait until Ctrl-C."""
     import ray
 
     ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model_dir, settings, replicas=replicas, device=device), route_prefix="/")
+    deployment = build(
+        model_dir,
+        settings,
+        replicas=replicas,
+        device=device,
+        threads=threads,
+        max_cached_tasks=max_cached_tasks,
+    )
+    serve.run(deployment, route_prefix="/")
     print(f"serving {model_dir} on Ray Serve at http://{host}:{port} ({replicas} replicas)")
     try:
         while True:

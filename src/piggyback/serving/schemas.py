@@ -47,6 +47,9 @@ class TaskResult(BaseModel):
     routing_confidence: float | None = Field(
         None, description="With 'auto': how confident the router was in choosing `task`."
     )
+    routed_by: str | None = Field(
+        None, description="With 'auto': how the task was chosen ('prototypes' or 'entropy')."
+    )
     predictions: list[Prediction] = Field(description="The top_k classes, most probable first.")
 
 

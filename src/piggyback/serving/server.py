@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from piggyback.serving.app import ServeSettings, create_app
-from piggyback.serving.engine import ModelEngine
 
 __all__ = ["available_cores", "configure_threads", "running_server", "serve"]
 
@@ -48,17 +47,22 @@ def serve(
     port: int = 8000,
     device: str = "cpu",
     threads: int | None = None,
+    max_cached_tasks: int | None = 4,
     settings: ServeSettings | None = None,
     log_level: str = "info",
 ) -> None:
     """Load the model directory and answer HTTP requests until interrupted."""
     import uvicorn
 
+    from piggyback.predictor import Predictor
+
     count = configure_threads(threads)
-    engine = ModelEngine(model_dir, device=device)
-    app = create_app(engine, settings or ServeSettings.with_env_key())
+    predictor = Predictor.from_pretrained(
+        model_dir, device=device, max_cached_tasks=max_cached_tasks
+    )
+    app = create_app(predictor, settings or ServeSettings.with_env_key())
     print(
-        f"serving {len(engine.tasks)} task(s) of {model_dir} on http://{host}:{port} "
+        f"serving {len(predictor.tasks)} task(s) of {model_dir} on http://{host}:{port} "
         f"({device}, {count} torch thread(s); API docs at /docs)",
         flush=True,
     )
