@@ -74,29 +74,18 @@ def serve_command(
         max_image_pixels=max_image_pixels,
         api_key=api_key,
     )
-    target = str(resolve_device(device))
+    options = {
+        "host": host,
+        "port": port,
+        "device": str(resolve_device(device)),
+        "threads": threads,
+        "max_cached_tasks": max_cached_tasks,
+    }
     if ray:
         from piggyback.serving.ray_app import run_on_ray
 
-        run_on_ray(
-            model_dir,
-            settings,
-            host=host,
-            port=port,
-            replicas=replicas,
-            device=target,
-            threads=threads,
-            max_cached_tasks=max_cached_tasks,
-        )
+        run_on_ray(model_dir, settings, replicas=replicas, **options)
         return
     from piggyback.serving.server import serve
 
-    serve(
-        model_dir,
-        host=host,
-        port=port,
-        device=target,
-        threads=threads,
-        max_cached_tasks=max_cached_tasks,
-        settings=settings,
-    )
+    serve(model_dir, settings=settings, **options)
