@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--threads", type=int, help="torch threads per server (default: cores)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per server (default: as piggyback serve)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve-cpu"))
     return parser.parse_args(argv)
 
@@ -173,6 +175,7 @@ async def run_load(
                 failures += response.status_code != 200
 
         before = (await client.get("/metrics")).json()["batches"]
+        load_average = os.getloadavg()[0]  # other work on the machine, for the record
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         wall = time.perf_counter() - started
@@ -188,19 +191,24 @@ async def run_load(
         "p50_ms": round(float(p50), 1),
         "p99_ms": round(float(p99), 1),
         "mean_batch_size": round(predictions / batches, 2) if batches else 0.0,
+        "load_average_1min": round(load_average, 2),
     }
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median throughput (its latencies belong to the same run)."""
     ordered = sorted(runs, key=lambda r: r["throughput_rps"])
-    return {**ordered[len(ordered) // 2], "all_throughputs": [r["throughput_rps"] for r in runs]}
+    return {
+        **ordered[len(ordered) // 2],
+        "all_throughputs": [r["throughput_rps"] for r in runs],
+        "all_load_averages": [r["load_average_1min"] for r in runs],
+    }
 
 
 def measure(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
-    from piggyback.serving.server import available_cores
+    from piggyback.serving.server import default_threads
 
-    threads = args.threads or available_cores()
+    threads = args.threads or default_threads()  # as `piggyback serve` sizes it
     sizes = {"batched": args.max_batch_size, "one_at_a_time": 1}
     waits = {"batched": args.max_wait_ms, "one_at_a_time": 0.0}
     with contextlib.ExitStack() as stack:

@@ -140,6 +140,12 @@ CASES = {
         "bad_json",
         "JSON",
     ),
+    "bad_task": (
+        lambda c: c.post("/v1/predict", json={"image": b64(GOOD), "task": 5}),
+        400,
+        "bad_task",
+        "task name",
+    ),
     "bad_top_k": (lambda c: post(c, GOOD, top_k="-2"), 400, "bad_top_k", "-2"),
     "wrong_method": (lambda c: c.get("/v1/predict"), 405, "method_not_allowed", ""),
 }
@@ -176,7 +182,7 @@ def test_memory_does_not_grow_over_many_bad_requests(client):
         round_of_bad_requests()
     gc.collect()
     before, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(15):  # 15 x 17 bad requests
+    for _ in range(15):  # 15 x 18 bad requests
         round_of_bad_requests()
     gc.collect()
     grown = rss_bytes() - before

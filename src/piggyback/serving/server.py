@@ -1,9 +1,11 @@
 """Running the API in one process with uvicorn: what `piggyback serve` does.
 
 Threads are sized on purpose. The worker thread that runs the batches gets `threads` intra-op
-threads (default: the cores this process may use) and one inter-op thread; the event loop only
-parses, decodes and answers. Left alone, torch and the decoding threads would each size
-themselves to every core and slow each other down (badly so on small machines).
+threads and one inter-op thread; by default one core fewer than the process may use (at least
+one), because the remaining core is busy too: the event loop parses requests and the decoding
+threads decode images while a batch runs. Left alone, torch would spin a thread on every core
+and fight the decoding for them (on 2 cores, 2 OpenMP threads competing with other work slow
+each other down many times over).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from piggyback.serving.app import ServeSettings, create_app
 
-__all__ = ["available_cores", "configure_threads", "running_server", "serve"]
+__all__ = ["available_cores", "configure_threads", "default_threads", "running_server", "serve"]
 
 
 def available_cores() -> int:
@@ -30,9 +32,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """Torch threads of the inference worker unless told: one core fewer than available, >= 1."""
+    return max(1, available_cores() - 1)
+
+
 def configure_threads(threads: int | None) -> int:
     """Set torch's thread pools once, before the first forward pass; returns the intra-op count."""
-    count = threads or available_cores()
+    count = threads or default_threads()
     torch.set_num_threads(count)
     # Only possible before torch's first parallel work in this process; otherwise keep it.
     with contextlib.suppress(RuntimeError):
