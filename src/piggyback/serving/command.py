@@ -47,7 +47,7 @@ def serve_command(
         ),
     ] = None,
     threads: Annotated[
-        int | None, Opt(help="Torch threads of the inference worker (default: cores - 1, at least 1).")
+        int | None, Opt(help="Torch threads of inference (default: cores - 1, at least 1).")
     ] = None,
     max_cached_tasks: Annotated[
         int, Opt(help="Tasks whose masked weights stay computed in memory (LRU).")
