@@ -205,6 +205,44 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
+    """What batching buys the model itself, without HTTP, decoding or other clients: the same
+    `--max-batch-size` images (tasks cycling) as one mixed-task `Predictor.predict` call against
+    one call per image, in this process with the servers' thread count, interleaved repeats."""
+    import torch
+
+    from piggyback import Predictor
+    from piggyback.images import decode_image
+    from piggyback.serving.server import default_threads
+
+    torch.set_num_threads(args.threads or default_threads())
+    predictor = Predictor.from_pretrained(model_dir, device="cpu")
+    names = predictor.tasks
+    pictures = [decode_image(images[i % len(images)]) for i in range(args.max_batch_size)]
+    tasks = [names[i % len(names)] for i in range(len(pictures))]
+
+    def batched() -> None:
+        predictor.predict(pictures, tasks, top_k=5)
+
+    def one_by_one() -> None:
+        for picture, task in zip(pictures, tasks, strict=True):
+            predictor.predict([picture], [task], top_k=5)
+
+    batched(), one_by_one()  # warm-up: every task's masked weights cached
+    seconds: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
+    for _ in range(args.repeats):
+        for mode, run in (("batched", batched), ("one_at_a_time", one_by_one)):
+            started = time.perf_counter()
+            run()
+            seconds[mode].append(time.perf_counter() - started)
+    per_image = {m: statistics.median(s) / len(pictures) * 1000 for m, s in seconds.items()}
+    return {
+        "images": len(pictures),
+        "ms_per_image": {m: round(v, 2) for m, v in per_image.items()},
+        "speedup": round(per_image["one_at_a_time"] / per_image["batched"], 2),
+    }
+
+
 def measure(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
     from piggyback.serving.server import default_threads
 
@@ -254,6 +292,24 @@ def write_table(report: dict[str, Any], path: Path) -> None:
             f"| {b['mean_batch_size']:.1f} | {s['throughput_rps']:.1f} "
             f"| {s['p50_ms']:.0f} / {s['p99_ms']:.0f} | {row['speedup']:.2f}x |"
         )
+    alone = report["model_only"]
+    lines += [
+        "",
+        f"The model alone (no HTTP, no decoding, same threads): {alone['images']} images with "
+        f"tasks cycling as one mixed-task `Predictor.predict` call, "
+        f"{alone['ms_per_image']['batched']:.1f} ms per image, against one call per image, "
+        f"{alone['ms_per_image']['one_at_a_time']:.1f} ms: {alone['speedup']:.2f}x.",
+    ]
+    loads = [
+        value
+        for row in report["results"].values()
+        for mode in MODES
+        for value in row[mode]["all_load_averages"]
+    ]
+    lines.append(
+        f"Load average (1 min) of the machine during the runs: {min(loads):.1f} to "
+        f"{max(loads):.1f} on {report['environment']['machine']['cores']} cores."
+    )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -262,7 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images = request_images(args)
     with tempfile.TemporaryDirectory() as work:
         model_dir = args.model_dir or make_model_dir(args, Path(work) / "model")
-        measured = measure(args, model_dir, images)
+        alone = model_only(args, model_dir, images)
+        print(f"model only: {json.dumps(alone)}", flush=True)
+        measured = {**measure(args, model_dir, images), "model_only": alone}
     report = {
         "environment": environment(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

@@ -86,3 +86,5 @@ def test_serve_load_benchmark_compares_batched_and_one_at_a_time_servers(tiny_we
         )
     assert 1.0 <= report["results"]["4"]["batched"]["mean_batch_size"] <= 4
     assert "| 4 |" in (out / "table.md").read_text()
+    alone = report["model_only"]
+    assert alone["images"] == 4 and alone["speedup"] > 0
