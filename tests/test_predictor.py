@@ -206,9 +206,8 @@ def test_loaded_tasks_cost_their_packed_bits_head_and_prototypes(tmp_path):
     memory = predictor.memory()
     assert memory["cache_bytes"] == 2 * masked_float_bytes  # two tasks' W * mask, as budgeted
     assert memory["total_bytes"] == backbone + memory["tasks_bytes"] + memory["cache_bytes"]
-    prototypes = torch.ones(3, 16)
-    model.task("a").routing = RoutingProfile(prototypes, dict(PREPROCESS), 12)
-    assert predictor.memory()["tasks"]["a"] == memory["tasks"]["a"] + prototypes.nbytes
+    model.task("a").routing = RoutingProfile(torch.ones(3, 16), dict(PREPROCESS), 12)
+    assert predictor.memory()["tasks"]["a"] == memory["tasks"]["a"] + 3 * 16 * 2  # float16
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -325,7 +324,8 @@ def test_routing_prototypes_are_saved_in_the_task_file(tmp_path):
         saved = predictor.model.task(task).routing
         original = model.task(task).routing
         assert saved.preprocess == original.preprocess and saved.images == original.images
-        assert torch.equal(saved.prototypes, original.prototypes.half().float())  # float16
+        assert torch.equal(saved.prototypes, original.prototypes)
+        assert saved.prototypes.dtype == torch.float16  # in memory as in the file
     answers = predictor.predict(coloured(3, 2, 4), "auto")
     assert {a.task for a in answers} == {"blue"}
 

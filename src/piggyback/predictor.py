@@ -101,18 +101,23 @@ class Predictor:
         device: str | torch.device = "auto",
         tasks: Sequence[str] | None = None,
         backbone: nn.Module | None = None,
+        channels_last: bool = True,
         **cache_options: Any,
     ) -> Predictor:
         """A Predictor over a saved model directory (all its tasks, or `tasks`), on `device`.
 
         `backbone`: the network to load the tasks onto, for models whose directory cannot say
         how to build it (your own nn.Module); by default it is built from the saved spec.
+        `channels_last`: the memory layout training uses too; convolutions run faster in it.
         """
         from piggyback.training.run import resolve_device
 
         names = list(tasks) if tasks is not None else None
         model = PiggybackModel.from_pretrained(directory, backbone, tasks=names)
-        return cls(model.to(resolve_device(str(device))), **cache_options)
+        model.to(resolve_device(str(device)))
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return cls(model, **cache_options)
 
     # -- tasks ----------------------------------------------------------------------------------
 
