@@ -33,3 +33,11 @@ class DataError(PiggybackError, ValueError):
 
 class BackboneError(PiggybackError, ValueError):
     """A backbone name or weights file cannot be resolved or loaded."""
+
+
+class ImageError(DataError):
+    """An image is missing, is no image, or is truncated or corrupted (see `piggyback.images`)."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed: refused before decoding (decompression bombs)."""

@@ -19,11 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from piggyback.data.splits import Sample
-from piggyback.errors import DataError
-
-# What PIL raises on a missing, unknown, truncated or corrupt file (UnidentifiedImageError and
-# "image file is truncated" are OSErrors; some plugins raise SyntaxError or ValueError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+from piggyback.errors import DataError, ImageError
+from piggyback.images import decode_image, verify_image
 
 # Up-front checks are file reads, so threads overlap them even on 2 cores.
 CHECK_THREADS = 8
@@ -34,25 +31,16 @@ class UnreadableImageWarning(UserWarning):
 
 
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Decode an image as RGB (grayscale, palette, CMYK and RGBA files included).
-
-    With `draft_size`, a JPEG is decoded by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that
-    keeps both sides >= `draft_size`: several times cheaper for photos much larger than the
-    network input, and invisible after the resize that follows.
-    """
-    with Image.open(path) as image:
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        return image.convert("RGB")
+    """Decode an image as 8-bit RGB the one way every path does (`piggyback.images`)."""
+    return decode_image(path, draft_size=draft_size)
 
 
 def check_image(path: Path) -> str | None:
-    """Why `path` cannot be read, or None. Cheap: parses headers (and PNG checksums) only."""
+    """Why `path` cannot be read (a one-line message naming it), or None. Cheap: headers only."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except DECODE_ERRORS as error:
-        return f"{type(error).__name__}: {error}"
+        verify_image(path)
+    except ImageError as error:
+        return str(error)
     return None
 
 
@@ -60,7 +48,8 @@ class ImageDataset(Dataset):
     """`(image, label)` pairs, the image passed through `transform` (a PIL RGB image without one).
 
     `samples`, `targets` and `class_names` (alias `classes`) describe the readable images only;
-    `skipped` lists `(path, reason)` for those left out. `draft_size`: see `load_rgb`.
+    `skipped` lists `(path, reason)` for those left out (the reason names the path too).
+    `draft_size`: see `piggyback.images.decode_image`.
     """
 
     def __init__(
@@ -109,7 +98,7 @@ class ImageDataset(Dataset):
             path, label = self.samples[position]
             try:
                 image = load_rgb(path, self.draft_size)
-            except DECODE_ERRORS as error:
+            except ImageError as error:
                 self._undecodable_found(position, error)
                 continue
             return (image if self.transform is None else self.transform(image)), label
@@ -117,7 +106,7 @@ class ImageDataset(Dataset):
 
     def _undecodable_found(self, position: int, error: Exception) -> None:
         path = self.samples[position].path
-        message = f"{path} passed the up-front check but cannot be decoded ({error})"
+        message = f"{path} passed the up-front check but cannot be decoded: {error}"
         if self.strict:
             raise DataError(message) from error
         self._undecodable.add(position)
@@ -140,7 +129,7 @@ def _unreadable(samples: list[Sample]) -> list[tuple[Path, str]]:
 def _report(skipped: list[tuple[Path, str]], total: int, strict: bool) -> None:
     """One DataError (strict) or one warning for all unreadable images, naming a few."""
     shown = 20 if strict else 5
-    listing = "; ".join(f"{path} ({reason})" for path, reason in skipped[:shown])
+    listing = "; ".join(reason for _, reason in skipped[:shown])  # each names its image
     if len(skipped) > shown:
         listing += f"; ... and {len(skipped) - shown} more"
     if strict:
