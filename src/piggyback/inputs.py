@@ -9,19 +9,17 @@ per distinct preprocessing (`PreparedImages`).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Union
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from piggyback.data.dataset import DECODE_ERRORS, load_rgb
 from piggyback.errors import DataError
+from piggyback.images import decode_image
 
 #: One image: a PIL image, a path, the bytes of an encoded file, or a preprocessed CHW tensor.
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, Tensor]  # noqa: UP007 (runtime alias)
@@ -45,42 +43,20 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 
 
 def decode(image: ImageInput) -> Image.Image | Tensor:
-    """A PIL RGB image (from a PIL image, a path or bytes), or a CHW tensor as given."""
+    """A PIL RGB image (from a PIL image, a path or bytes; see `decode_image`), or a CHW tensor
+    as given (already preprocessed)."""
     if isinstance(image, Tensor):
         if image.dim() != 3:
             raise DataError(
                 f"a preprocessed image must be a CHW tensor, got shape {tuple(image.shape)}"
             )
         return image
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, bytes | bytearray):
-        return _decode_bytes(bytes(image))
-    if isinstance(image, str | os.PathLike):
-        return _decode_path(Path(image))
+    if isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
+        return decode_image(image)
     raise DataError(
         f"cannot read an image from a {type(image).__name__}: expected a PIL image, a path, "
         "bytes or a preprocessed CHW tensor"
     )
-
-
-def _decode_path(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist or is not a file: expected an image file")
-    try:
-        return load_rgb(path)
-    except DECODE_ERRORS as error:
-        raise DataError(f"{path} cannot be read as an image ({error})") from error
-
-
-def _decode_bytes(data: bytes) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except DECODE_ERRORS as error:
-        raise DataError(
-            f"the {len(data)} bytes given cannot be read as an image ({error})"
-        ) from error
 
 
 def preprocess_key(preprocess: dict[str, Any]) -> str:
