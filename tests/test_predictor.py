@@ -242,7 +242,7 @@ def test_bad_inputs_and_task_lists_are_refused_with_a_clear_error(tmp_path):
     predictor = Predictor(tasks_model(("a",)))
     with pytest.raises(DataError, match=r"missing\.png"):
         predictor.predict(tmp_path / "missing.png", "a")
-    with pytest.raises(DataError, match="22 bytes.*not an image file"):
+    with pytest.raises(DataError, match=r"22 bytes.*not an image file"):
         predictor.predict(b"<html>not found</html>", "a")
     with pytest.raises(DataError, match="CHW or NCHW"):
         predictor.predict(torch.zeros(16, 16), "a")
