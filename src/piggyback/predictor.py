@@ -226,13 +226,13 @@ class Predictor:
             routes, probabilities = self._route(prepared, auto)
             for index, route in routes.items():  # entropy routing already ran the chosen task
                 if index in probabilities:
-                    results[index] = self._answer(route.task, probabilities[index], top_k, route)
+                    row, names = probabilities[index]
+                    results[index] = self._answer(route.task, row, names, top_k, route)
         chosen = [routes[i].task if name == AUTO else name for i, name in enumerate(wanted)]
         for task, indices in _groups(chosen, skip={i for i, r in enumerate(results) if r}).items():
-            for index, row in zip(
-                indices, self._probabilities(task, prepared, indices), strict=True
-            ):
-                results[index] = self._answer(task, row, top_k, routes.get(index))
+            probabilities, names = self._probabilities(task, prepared, indices)
+            for index, row in zip(indices, probabilities, strict=True):
+                results[index] = self._answer(task, row, names, top_k, routes.get(index))
         return results  # type: ignore[return-value]
 
     def predict_each(
@@ -251,9 +251,14 @@ class Predictor:
 
     def logits(self, batch: Tensor, task: str) -> Tensor:
         """The raw outputs of `task` for an already preprocessed NCHW batch."""
+        return self._forward(batch, task)[0]
+
+    def _forward(self, batch: Tensor, task: str) -> tuple[Tensor, list[str] | None]:
+        """Outputs and class names of one task, read together while the task is applied (a
+        task replaced by another thread cannot pair one's outputs with the other's names)."""
         model = self.model
         with torch.inference_mode(), model.task_applied(task) as network:
-            return network(batch.to(model.device))
+            return network(batch.to(model.device)), model.task(task).class_names
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
         wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
@@ -267,12 +272,16 @@ class Predictor:
             raise TaskError("no task is loaded: nothing to route images to")
         return wanted
 
-    def _probabilities(self, task: str, prepared: PreparedImages, indices: list[int]) -> Tensor:
-        batch = prepared.batch(indices, self.preprocess(task))
-        return self.logits(batch, task).float().softmax(dim=1).cpu()
+    def _probabilities(
+        self, task: str, prepared: PreparedImages, indices: list[int]
+    ) -> tuple[Tensor, list[str] | None]:
+        logits, names = self._forward(prepared.batch(indices, self.preprocess(task)), task)
+        return logits.float().softmax(dim=1).cpu(), names
 
-    def _answer(self, task: str, row: Tensor, top_k: int, route: Route | None) -> TaskPrediction:
-        names = _class_names(self.model.task(task).class_names, row.numel(), task)
+    def _answer(
+        self, task: str, row: Tensor, names: list[str] | None, top_k: int, route: Route | None
+    ) -> TaskPrediction:
+        names = _class_names(names, row.numel(), task)
         values, classes = row.topk(min(top_k, row.numel()))
         top = [(names[c], v) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         if route is None:
@@ -283,7 +292,7 @@ class Predictor:
 
     def _route(
         self, prepared: PreparedImages, indices: list[int]
-    ) -> tuple[dict[int, Route], dict[int, Tensor]]:
+    ) -> tuple[dict[int, Route], dict[int, tuple[Tensor, list[str] | None]]]:
         """A task for each image at `indices`; with entropy routing also its probabilities."""
         names = self.tasks
         profiles = {name: self.model.task(name).routing for name in names}
@@ -292,10 +301,10 @@ class Predictor:
             features = self._routing_features(prepared, indices, profiles)
             return dict(zip(indices, route_by_prototypes(features, profiles), strict=True)), {}
         self._warn_fallback(missing)
-        probabilities = {name: self._probabilities(name, prepared, indices) for name in names}
-        routes = route_by_entropy(probabilities)
+        answers = {name: self._probabilities(name, prepared, indices) for name in names}
+        routes = route_by_entropy({name: probs for name, (probs, _) in answers.items()})
         chosen = {
-            index: probabilities[route.task][row]
+            index: (answers[route.task][0][row], answers[route.task][1])
             for row, (index, route) in enumerate(zip(indices, routes, strict=True))
         }
         return dict(zip(indices, routes, strict=True)), chosen
