@@ -211,13 +211,13 @@ def timings(name: str, directory: Path, args: argparse.Namespace) -> dict[str, A
     def run_cold() -> None:
         turn["cold"] += 1
         for task in cold:  # as if evicted: the next call unpacks the bits and computes W * mask
-            model.task_cache.discard(task)
+            predictor.task_cache.discard(task)
         predictor.logits(one, cold[turn["cold"] % CACHED])
 
     # Room for the warm tasks and the one cold task computed at a time: no warm one is evicted.
-    model.task_cache.configure(max_tasks=CACHED + 1, max_bytes=None)
+    predictor.task_cache.configure(max_tasks=CACHED + 1, max_bytes=None)
     switch = interleaved({"warm": run_warm, "cold": run_cold}, args.steps, args.repeats)
-    model.task_cache.configure(max_tasks=CACHED, max_bytes=None)
+    predictor.task_cache.configure(max_tasks=CACHED, max_bytes=None)
     for task in warm:  # the 4 tasks cached for what follows
         predictor.logits(one, task)
     batch = torch.randn(args.batch_size, 3, size, size)

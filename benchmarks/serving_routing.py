@@ -44,7 +44,7 @@ from piggyback.training.run import preprocess_info
 
 def task_data(predictor: Predictor, task: str, data_root: Path) -> Path:
     """The dataset a task was trained on: recorded by training, else `data_root/<task>`."""
-    recorded = (predictor.model.task(task).info.get("training") or {}).get("data")
+    recorded = (predictor.model.task(task).metadata.training or {}).get("data")
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     return data_root / task
@@ -191,7 +191,7 @@ def untrained_predictor(args: argparse.Namespace) -> Predictor:
     for name in args.routing_datasets:
         splits = load_splits(args.data_root / name)
         task = model.add_task(name, splits.num_classes, method="classifier", seed=0)
-        task.info["preprocess"] = preprocess_info(backbone.data_config, args.routing_image_size)
+        task.metadata.preprocess = preprocess_info(backbone.data_config, args.routing_image_size)
     return Predictor(model, max_cached_tasks=None)
 
 

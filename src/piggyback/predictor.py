@@ -1,8 +1,8 @@
 """Serving many tasks from one backbone: `Predictor`.
 
 The point of piggyback at inference is one backbone in memory and any number of tasks at ~1 bit
-per weight each, any request answered by any task. A `Predictor` keeps every loaded task packed
-and the masked weights of the most recently used ones in the model's LRU `TaskCache`, so
+per weight each, any request answered by any task. A `Predictor` keeps every loaded task frozen
+(packed) and the masked weights of the most recently used ones in an LRU `TaskCache`, so
 alternating between a few tasks recomputes nothing. A batch may mix tasks: it is grouped by task
 and each group runs once (as PEFT's `adapter_names`), so each image gets exactly the result its
 group computes. `tasks="auto"` picks each image's task from the image itself (`piggyback.routing`).
@@ -33,7 +33,8 @@ from piggyback.routing import (
     route_by_entropy,
     route_by_prototypes,
 )
-from piggyback.task_cache import CacheInfo
+from piggyback.task_cache import CacheInfo, TaskCache
+from piggyback.tasks import TaskState
 
 __all__ = ["AUTO", "Predictor", "TaskPrediction"]
 
@@ -73,8 +74,8 @@ class Predictor:
     """Answers images with any of a model's tasks, keeping recently used tasks ready.
 
     Args:
-        model: the model whose tasks to serve; it is put in eval mode and its task cache is
-            given the budget below (the Predictor owns it from now on).
+        model: the model whose tasks to serve; it is put in eval mode and tasks still trainable
+            are frozen (masks packed to bits): the Predictor owns it from now on.
         max_cached_tasks: how many tasks' masked weights stay in memory (None: no limit).
         max_cache_bytes: the same budget in bytes (None: no limit); both apply when both are set.
     """
@@ -87,7 +88,10 @@ class Predictor:
         max_cache_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
-        model.task_cache.configure(max_tasks=max_cached_tasks, max_bytes=max_cache_bytes)
+        for name in model.tasks:
+            if not model.task(name).is_frozen:
+                model.freeze_task(name)
+        self.task_cache = TaskCache(max_tasks=max_cached_tasks, max_bytes=max_cache_bytes)
         self._lock = threading.Lock()  # guards the memos below
         self._preprocess: dict[str, tuple[object, dict[str, Any]]] = {}
         self._transforms: dict[str, Transform] = {}
@@ -128,15 +132,15 @@ class Predictor:
     def task_description(self, name: str) -> dict[str, Any]:
         """What a client needs to know about a task: classes, preprocessing, results, routing."""
         state = self.model.task(name)
-        num_classes = _num_classes(self.model, name)
+        num_classes = state.num_classes
         profile = state.routing
         return {
             "task": name,
-            "method": state.method,
+            "method": state.method_name,
             "num_classes": num_classes,
             "classes": _class_names(state.class_names, num_classes, name),
             "preprocess": self.preprocess(name),
-            "results": state.info.get("results"),
+            "results": state.metadata.results,
             "routing": profile.describe() if profile is not None else None,
             "bytes": self.memory()["tasks"][name],
         }
@@ -147,11 +151,14 @@ class Predictor:
         The file is checked completely first; the swap itself waits for running forward passes,
         and the cache forgets the old task, so no request is answered by a half or stale task.
         """
-        return self.model.load_task(path, name, replace=replace)
+        loaded = self.model.load_task(path, name, replace=replace)
+        self.task_cache.discard(loaded)  # its entry would miss anyway; free the memory now
+        return loaded
 
     def delete_task(self, name: str) -> None:
         """Unload a task (waits for running forward passes; its cached weights are dropped)."""
         self.model.delete_task(name)
+        self.task_cache.discard(name)
 
     def preprocess(self, name: str) -> dict[str, Any]:
         """The task's evaluation preprocessing (image size, resize, mean, std, interpolation)."""
@@ -185,7 +192,7 @@ class Predictor:
         it is still trainable); the cache counts the masked weights it keeps.
         """
         backbone = _storage_bytes(self.model.backbone_tensors(exclude_head=True).values())
-        tasks = {name: _storage_bytes(_task_tensors(self.model, name)) for name in self.tasks}
+        tasks = {name: _storage_bytes(_task_tensors(self.model.task(name))) for name in self.tasks}
         cache = self.cache_info().bytes
         return {
             "backbone_bytes": backbone,
@@ -197,7 +204,7 @@ class Predictor:
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, evictions, cached tasks and bytes of the masked-weight cache."""
-        return self.model.task_cache.info()
+        return self.task_cache.info()
 
     # -- predicting -----------------------------------------------------------------------------
 
@@ -254,11 +261,16 @@ class Predictor:
         return self._forward(batch, task)[0]
 
     def _forward(self, batch: Tensor, task: str) -> tuple[Tensor, list[str] | None]:
-        """Outputs and class names of one task, read together while the task is applied (a
-        task replaced by another thread cannot pair one's outputs with the other's names)."""
+        """Outputs and class names of one task. Under the model's swap lock: the task cannot be
+        replaced between looking up its cached tensors, applying them and reading its names."""
         model = self.model
-        with torch.inference_mode(), model.task_applied(task) as network:
-            return network(batch.to(model.device)), model.task(task).class_names
+        with torch.inference_mode(), model.swap_lock:
+            state = model.task(task)
+            tensors = self.task_cache.get(
+                task, _sources(model, state), lambda: model.task_tensors(task)
+            )
+            with model.tensors_applied(task, tensors) as network:
+                return network(batch.to(model.device)), state.class_names
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
         wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
@@ -349,13 +361,6 @@ def _groups(chosen: list[str], skip: set[int]) -> dict[str, list[int]]:
     return groups
 
 
-def _num_classes(model: PiggybackModel, name: str) -> int | None:
-    state = model.task(name)
-    if state.num_classes is not None:
-        return state.num_classes
-    return state.class_names and len(state.class_names)
-
-
 def _class_names(names: list[str] | None, count: int | None, task: str) -> list[str] | None:
     if count is None:
         return names
@@ -366,11 +371,17 @@ def _class_names(names: list[str] | None, count: int | None, task: str) -> list[
     return names
 
 
-def _task_tensors(model: PiggybackModel, name: str) -> list[Tensor]:
-    state = model.task(name)
-    head = model.heads.heads[name]
+def _task_tensors(state: TaskState) -> list[Tensor]:
+    """Everything a task holds: packed masks (or scores), head, norms, routing prototypes."""
     routing = [state.routing.prototypes] if state.routing is not None else []
-    return [*state.parameters(), *state.buffers(), *head.parameters(), *head.buffers(), *routing]
+    return [*state.parameters(), *state.buffers(), *routing]
+
+
+def _sources(model: PiggybackModel, state: TaskState) -> list[object]:
+    """What a task's swapped tensors are computed from: a cache entry is valid while these are
+    the same objects, unchanged (see `TaskCache`)."""
+    weights = [model.backbone_weight(target.name) for target in model.targets]
+    return [state, *state.parameters(), *state.buffers(), *weights]
 
 
 def _storage_bytes(tensors) -> int:
