@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import environment
 
 from piggyback.describe import describe_model_dir
+from piggyback.fileio import write_json_atomic
 from piggyback.runtime import tune_allocator
-from piggyback.serialization import write_json_atomic
 from piggyback.training import TrainConfig, train
 from piggyback.training.run import CHECKPOINT
 

@@ -257,7 +257,7 @@ def storage(name: str) -> dict[str, Any]:
         save_file(state, str(checkpoint))
         full_bytes = checkpoint.stat().st_size
     head_bytes = sum(
-        t.numel() * t.element_size() for t in model.heads.heads["t"].state_dict().values()
+        t.numel() * t.element_size() for t in model.task("t").head.state_dict().values()
     )
     mask_bytes = packed_size(model.num_masked, 1)
     masked_weight_bytes = model.num_masked * 4  # the float32 weights the masks select

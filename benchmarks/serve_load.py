@@ -83,7 +83,7 @@ def make_model_dir(args: argparse.Namespace, directory: Path) -> Path:
         with torch.no_grad():
             for score in state.parameters():
                 score.copy_(torch.rand(score.shape, generator=generator) * 6e-3 + 4.2e-3)
-        state.info["preprocess"] = preprocess_info(backbone.data_config, args.image_size)
+        state.metadata.preprocess = preprocess_info(backbone.data_config, args.image_size)
     return model.save_pretrained(directory)
 
 

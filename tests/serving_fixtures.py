@@ -31,11 +31,11 @@ def save_two_task_model(directory: Path, weights: Path) -> Path:
         with torch.no_grad():
             for score in state.parameters():  # about 80% of the weights on, differently per task
                 score.copy_(torch.rand(score.shape, generator=generator) * 6e-3 + 4e-3)
-        state.info["preprocess"] = preprocess_info(backbone.data_config, IMAGE_SIZE)
+        state.metadata.preprocess = preprocess_info(backbone.data_config, IMAGE_SIZE)
         # Routing prototypes for "auto", as training computes them (here from random images).
         images = torch.randn(2 * len(classes), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         labels = torch.arange(len(classes)).repeat(2)
-        state.routing = fit_routing_profile(model, [(images, labels)], state.info["preprocess"])
+        state.routing = fit_routing_profile(model, [(images, labels)], state.metadata.preprocess)
     model.save_pretrained(directory)
     return directory
 

@@ -14,6 +14,7 @@ from test_model import train_steps
 
 from piggyback import PiggybackConfig, PiggybackModel, TaskFileError
 from piggyback.describe import describe_model_dir, format_description
+from piggyback.fileio import content_checksum
 
 METHODS = {"masks": "piggyback", "head_only": "classifier", "full": "finetune"}
 
@@ -27,7 +28,8 @@ def saved_model(directory: Path, config: PiggybackConfig) -> PiggybackModel:
         model.add_task(name, 3, method=method, class_names=CLASSES, seed=seed)
         model.set_task(name)
         train_steps(model, images)
-        model.task(name).info.update(preprocess=PREPROCESS, results={"test_top1": 0.75})
+        model.task(name).metadata.preprocess = PREPROCESS
+        model.task(name).metadata.results = {"test_top1": 0.75}
     model.save_pretrained(directory)
     return model
 
@@ -122,6 +124,7 @@ def test_describe_builds_no_backbone(saved, tmp_path):
         "pretrained": True,
         "weights": None,
     }
+    config["checksum"] = content_checksum(config)  # a consistent index naming another backbone
     (directory / "piggyback_config.json").write_text(json.dumps(config))
     desc = describe_model_dir(directory)
     assert desc["backbone"]["spec"]["name"] == "no_such_net"

@@ -34,7 +34,7 @@ def test_torchrun_two_processes_train_one_task(tiny_data, tiny_weights, tmp_path
     results = json.loads((output / "runs/colours/results.json").read_text())
     assert results["val"]["images"] == 9 and results["test"]["images"] == 9  # shards summed
     model = PiggybackModel.from_pretrained(output, tasks=["colours"])
-    assert model.task("colours").info["results"]["test_top1"] == results["test_top1"]
+    assert model.task("colours").metadata.results["test_top1"] == results["test_top1"]
     # The sharded evaluation of both processes equals one process evaluating the saved task:
     # they all held process 0's weights and batch-norm statistics.
     alone = evaluate_task(output, "colours", tiny_data, split="val", workers=0, progress=False)

@@ -37,8 +37,8 @@ def trained_model(
     model.add_task("pets", 3, method=method, class_names=CLASSES, seed=0, **task_kwargs)
     model.set_task("pets")
     train_steps(model, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    model.task("pets").info["preprocess"] = dict(PREPROCESS)
-    model.task("pets").info["results"] = {"test_top1": 0.5}
+    model.task("pets").metadata.preprocess = dict(PREPROCESS)
+    model.task("pets").metadata.results = {"test_top1": 0.5}
     if method == "piggyback":
         assert model.overall_density("pets") < 1.0  # the masks really changed
     return model
@@ -162,7 +162,7 @@ def test_refuses_bad_formats_and_tasks_before_writing(tmp_path):
 
 def test_unnamed_backbone_without_preprocessing_needs_explicit_values(tmp_path):
     model = trained_model()
-    del model.task("pets").info["preprocess"]
+    model.task("pets").metadata.preprocess = None
     with pytest.raises(DataError, match="image_size, mean, std"):
         export_task(model, "pets", tmp_path, formats="exported")
     written = export_task(

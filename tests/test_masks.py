@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from piggyback.config import PiggybackConfig
-from piggyback.masks import (
-    BinaryMask,
-    TernaryMask,
-    codes_to_mask,
-    init_scores,
-    mask_to_codes,
-    threshold_scores,
-)
+from piggyback.mask_kinds import get_mask_kind
+from piggyback.masks import BinaryMask, TernaryMask
+
+
+def threshold_scores(scores, kind, threshold):
+    return get_mask_kind(kind).mask(scores, PiggybackConfig(threshold=threshold, init_value=1.0))
 
 
 def test_binary_threshold_values():
@@ -53,10 +51,20 @@ def test_masks_work_under_torch_func_transforms():
 def test_codes_round_trip(kind):
     scores = torch.randn(100)
     mask = threshold_scores(scores, kind, 0.1)
-    assert torch.equal(codes_to_mask(mask_to_codes(mask, kind), kind, torch.float32), mask)
+    strategy = get_mask_kind(kind)
+    assert torch.equal(strategy.from_codes(strategy.to_codes(mask), torch.float32), mask)
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_scores_rebuilt_from_a_mask_give_that_mask_back(kind):
+    config = PiggybackConfig(mask_kind=kind)
+    strategy = get_mask_kind(kind)
+    mask = strategy.mask(torch.randn(200) * 1e-2, config)
+    assert torch.equal(strategy.mask(strategy.scores_from_mask(mask, config), config), mask)
 
 
 def test_init_scores_ones_and_uniform():
+    init_scores = get_mask_kind("binary").init_scores
     ones = init_scores(torch.Size([3, 4]), PiggybackConfig(), None)
     assert torch.all(ones == 1e-2)
     config = PiggybackConfig(init="uniform")

@@ -130,7 +130,7 @@ def test_trainable_parameters_are_exactly_the_active_tasks(tiny_cnn):
     assert set(groups) == {"scores", "head", "norms"}
     assert len(groups["scores"]) == len(model.targets)
     assert [tuple(p.shape) for p in groups["scores"]] == [t.shape for t in model.targets]
-    assert {id(p) for p in groups["head"]} == {id(p) for p in model.heads.heads["b"].parameters()}
+    assert {id(p) for p in groups["head"]} == {id(p) for p in model.task("b").head.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for g in groups.values() for p in g}  # nothing of task a trains
     optimizer = torch.optim.Adam(model.trainable_parameters("b"), lr=1e-4)
@@ -335,7 +335,7 @@ def test_cache_follows_layout_and_dtype_changes_and_packed_tasks(tiny_cnn, image
     with torch.no_grad():
         expected = model(images)
         model.to(memory_format=torch.channels_last)
-        assert model.task_cache.info().tasks == []  # new tensors: the cache was dropped
+        assert model._cache is None  # new tensors: the cache was dropped
         torch.testing.assert_close(model(images), expected)
         model.double()
         assert model(images.double()).dtype == torch.float64

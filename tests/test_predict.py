@@ -139,14 +139,14 @@ def test_eval_transform_uses_the_recorded_preprocessing():
     assert out[0].flatten().tolist() == pytest.approx([expected] * 256, abs=1e-5)
     assert eval_transform(model, "pets", 20)(image).shape == (3, 20, 20)
     # A recorded resize that is not the default 256/224 ratio is kept.
-    model.task("pets").info["preprocess"] = PREPROCESS | {"resize_size": 32}
+    model.task("pets").metadata.preprocess = PREPROCESS | {"resize_size": 32}
     assert resolve_preprocess(model, "pets")["resize_size"] == 32
     assert eval_transform(model, "pets").transforms[0].size == [32]
 
 
 def test_preprocessing_falls_back_to_the_backbone_spec():
     model = trained_model()
-    del model.task("pets").info["preprocess"]
+    model.task("pets").metadata.preprocess = None
     with pytest.raises(DataError, match="unnamed"):
         eval_transform(model, "pets")
     model.backbone_spec = LITE0_SPEC | {"weights": None}  # looked up without building weights

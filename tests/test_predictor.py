@@ -18,12 +18,12 @@ from test_model import train_steps
 from piggyback import PiggybackModel, Predictor, TaskError
 from piggyback.data import transforms_for
 from piggyback.errors import DataError, TaskFileError
-from piggyback.fingerprint import fingerprint
+from piggyback.fileio import content_checksum
 from piggyback.packing import packed_size
 from piggyback.predictor import TaskPrediction
 from piggyback.route_fit import fit_routing_profile, spherical_kmeans, stratified_subset
 from piggyback.routing import NoRoutingProfileWarning, RoutingProfile
-from piggyback.serialization import read_task_file
+from piggyback.taskfile import read_task_file
 
 TASKS = ("a", "b", "c")
 
@@ -48,7 +48,7 @@ def tasks_model(names=TASKS) -> PiggybackModel:
         model.add_task(name, 3, class_names=CLASSES, seed=seed)
         model.set_task(name)
         train_steps(model, batch(seed))
-        model.task(name).info["preprocess"] = dict(PREPROCESS)
+        model.task(name).metadata.preprocess = dict(PREPROCESS)
     return model
 
 
@@ -96,13 +96,13 @@ def test_mixed_task_batch_equals_each_sample_run_alone(tmp_path):
 def test_each_task_of_a_mixed_batch_runs_once(tmp_path):
     predictor = load(saved_tasks(tmp_path))
     calls = []
-    applied = predictor.model.task_applied
+    applied = predictor.model.tensors_applied
 
-    def counting(task=None):
+    def counting(task, tensors):
         calls.append(task)
-        return applied(task)
+        return applied(task, tensors)
 
-    predictor.model.task_applied = counting
+    predictor.model.tensors_applied = counting
     predictor.predict(batch(1, count=6), ["a", "b", "a", "b", "c", "a"])
     assert calls == ["a", "b", "c"]
 
@@ -141,9 +141,9 @@ def test_cache_evicts_the_least_recently_used_task_beyond_its_budget(tmp_path):
     info = predictor.cache_info()
     assert info.tasks == ["a", "c"] and info.evictions == 1  # b was least recently used
     one_task = info.bytes // 2
-    predictor.model.task_cache.configure(max_tasks=None, max_bytes=one_task)
+    predictor.task_cache.configure(max_tasks=None, max_bytes=one_task)
     assert predictor.cache_info().tasks == ["c"]
-    predictor.model.task_cache.configure(max_tasks=None, max_bytes=one_task - 1)
+    predictor.task_cache.configure(max_tasks=None, max_bytes=one_task - 1)
     assert predictor.cache_info().tasks == []  # an entry over the budget is not kept
     with pytest.raises(ValueError, match="max_tasks"):
         Predictor(predictor.model, max_cached_tasks=-1)
@@ -174,13 +174,15 @@ def test_a_replaced_or_deleted_task_is_never_served_stale(tmp_path):
         predictor.load_task(directory / "tasks" / "c.safetensors", "b")
 
 
-def test_in_place_changes_of_a_tasks_masks_are_noticed():
+def test_trainable_tasks_are_frozen_and_in_place_changes_of_their_masks_noticed():
     model = tasks_model(("a",))
     predictor = Predictor(model)
+    state = model.task("a")
+    assert state.is_frozen and state.is_packed and len(state.scores) == 0  # 1 bit per weight
     images = batch(5)
     before = predictor.predict(images, "a", top_k=3)
     with torch.no_grad():
-        model.task("a").scores["stem.weight"].fill_(-1.0)  # the mask of the stem: all off
+        state.packed_masks.zero_()  # every mask off
     assert predictor.predict(images, "a", top_k=3) != before
     assert predictor.cache_info().misses == 2
 
@@ -191,7 +193,7 @@ def test_in_place_changes_of_a_tasks_masks_are_noticed():
 def test_loaded_tasks_cost_their_packed_bits_head_and_prototypes(tmp_path):
     predictor = load(saved_tasks(tmp_path), max_cached_tasks=2)
     model = predictor.model
-    head = sum(t.numel() * t.element_size() for t in model.heads.heads["a"].state_dict().values())
+    head = sum(t.numel() * t.element_size() for t in model.task("a").head.state_dict().values())
     masked_float_bytes = sum(t.numel for t in model.targets) * 4
     memory = predictor.memory()
     for task in TASKS:  # 1 bit per masked weight, the head; no float copy of any weight
@@ -206,9 +208,8 @@ def test_loaded_tasks_cost_their_packed_bits_head_and_prototypes(tmp_path):
     memory = predictor.memory()
     assert memory["cache_bytes"] == 2 * masked_float_bytes  # two tasks' W * mask, as budgeted
     assert memory["total_bytes"] == backbone + memory["tasks_bytes"] + memory["cache_bytes"]
-    prototypes = torch.ones(3, 16)
-    model.task("a").routing = RoutingProfile(prototypes, dict(PREPROCESS), 12)
-    assert predictor.memory()["tasks"]["a"] == memory["tasks"]["a"] + prototypes.nbytes
+    model.task("a").routing = RoutingProfile(torch.ones(3, 16), dict(PREPROCESS), 12)
+    assert predictor.memory()["tasks"]["a"] == memory["tasks"]["a"] + 3 * 16 * 2  # float16
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_loaded_tasks_cost_their_packed_bits_head_and_prototypes(tmp_path):
 
 def test_images_as_pil_paths_bytes_or_tensors_use_each_tasks_preprocessing(tmp_path):
     model = tasks_model(("a", "b"))
-    model.task("b").info["preprocess"] = PREPROCESS | {"image_size": 20, "resize_size": 24}
+    model.task("b").metadata.preprocess = PREPROCESS | {"image_size": 20, "resize_size": 24}
     predictor = Predictor(model)
     picture = Image.fromarray(
         torch.randint(0, 256, (30, 40, 3), generator=torch.Generator().manual_seed(0))
@@ -243,7 +244,7 @@ def test_bad_inputs_and_task_lists_are_refused_with_a_clear_error(tmp_path):
     predictor = Predictor(tasks_model(("a",)))
     with pytest.raises(DataError, match=r"missing\.png"):
         predictor.predict(tmp_path / "missing.png", "a")
-    with pytest.raises(DataError, match="not an image file"):
+    with pytest.raises(DataError, match=r"22 bytes.*not an image file"):
         predictor.predict(b"<html>not found</html>", "a")
     with pytest.raises(DataError, match="CHW or NCHW"):
         predictor.predict(torch.zeros(16, 16), "a")
@@ -325,7 +326,8 @@ def test_routing_prototypes_are_saved_in_the_task_file(tmp_path):
         saved = predictor.model.task(task).routing
         original = model.task(task).routing
         assert saved.preprocess == original.preprocess and saved.images == original.images
-        assert torch.equal(saved.prototypes, original.prototypes.half().float())  # float16
+        assert torch.equal(saved.prototypes, original.prototypes)
+        assert saved.prototypes.dtype == torch.float16  # in memory as in the file
     answers = predictor.predict(coloured(3, 2, 4), "auto")
     assert {a.task for a in answers} == {"blue"}
 
@@ -334,7 +336,7 @@ def test_malformed_routing_data_is_refused(tmp_path):
     path = routed_model().save_task(tmp_path / "red.safetensors", "red")
     meta, tensors = read_task_file(path)
     tensors["routing/prototypes"] = torch.ones(4, dtype=torch.float16)  # not classes x features
-    meta["checksum"] = fingerprint(tensors)  # a consistent file, only its routing data is wrong
+    meta["checksum"] = content_checksum(meta, tensors)  # consistent: only its routing is wrong
     save_file(tensors, str(path), metadata={"piggyback": json.dumps(meta)})
     with pytest.raises(TaskFileError, match="malformed routing data"):
         tasks_model(("x",)).load_task(path)

@@ -21,8 +21,10 @@ from piggyback import (
     PiggybackModel,
     TaskError,
     TaskFileError,
+    fileio,
+    model_dir,
+    taskfile,
 )
-from piggyback import serialization as ser
 
 
 def make_model(config: PiggybackConfig | None = None, seed: int = 0) -> PiggybackModel:
@@ -95,13 +97,13 @@ def test_file_holds_at_most_ceil_p_bits_over_8_bytes_of_masks(tmp_path, images, 
 def test_metadata_describes_the_task(tmp_path, images):
     model = trained(images)
     model.task("t").class_names = ["cat", "dog", "émeu"]
-    model.task("t").info = {"preprocess": {"image_size": 128}}
+    model.task("t").metadata.preprocess = {"image_size": 128}
     path = model.save_task(tmp_path / "t.safetensors")
-    meta, _ = ser.read_task_file(path)
+    meta, _ = taskfile.read_task_file(path)
     fresh = make_model()
     fresh.load_task(path)
-    assert fresh.task("t").info == {"preprocess": {"image_size": 128}}
-    assert meta["format_version"] == ser.TASK_FORMAT_VERSION
+    assert fresh.task("t").metadata.preprocess == {"image_size": 128}
+    assert meta["format_version"] == taskfile.TASK_FORMAT_VERSION
     assert meta["mask_kind"] == "binary" and meta["threshold"] == 5e-3
     assert meta["layers"] == [[t.name, list(t.shape)] for t in model.targets]
     assert meta["num_classes"] == 3 and meta["class_names"] == ["cat", "dog", "émeu"]
@@ -113,7 +115,7 @@ def test_save_and_from_pretrained_directory(tmp_path, images):
     model = trained(images)
     model.add_task("other", 5, seed=1)
     model.save_pretrained(tmp_path / "run")
-    config = json.loads((tmp_path / "run" / ser.CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / "run" / model_dir.CONFIG_NAME).read_text())
     assert set(config["tasks"]) == {"t", "other"}
     assert config["backbone"]["fingerprint"] == model.fingerprint
     loaded = PiggybackModel.from_pretrained(tmp_path / "run", make_model().unload())
@@ -133,7 +135,7 @@ def test_adding_a_task_to_an_existing_directory_keeps_the_others(tmp_path, image
     second = make_model()
     second.add_task("new", 4, seed=3)
     second.save_pretrained(tmp_path / "run")
-    config = json.loads((tmp_path / "run" / ser.CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / "run" / model_dir.CONFIG_NAME).read_text())
     assert set(config["tasks"]) == {"t", "new"}
 
 
@@ -173,7 +175,7 @@ def test_refuses_corrupted_data_bytes(saved, tmp_path):
     data[-3] ^= 0xFF  # flip bits in the tensor data: the container cannot see this
     broken = tmp_path / "flipped.safetensors"
     broken.write_bytes(bytes(data))
-    refuse(broken, match="is corrupted: its tensors hash to")
+    refuse(broken, match="is corrupted: its contents do not match the checksum")
 
 
 def test_refuses_garbage_and_foreign_files(tmp_path):
@@ -187,8 +189,9 @@ def test_refuses_garbage_and_foreign_files(tmp_path):
 
 
 def rewrite_metadata(path: Path, out: Path, change) -> Path:
-    meta, tensors = ser.read_task_file(path)
+    meta, tensors = taskfile.read_task_file(path)
     change(meta)
+    meta["checksum"] = fileio.content_checksum(meta, tensors)  # consistent, but different
     save_file(tensors, str(out), metadata={"piggyback": json.dumps(meta)})
     return out
 
@@ -197,7 +200,7 @@ def test_refuses_newer_format_version(saved, tmp_path):
     newer = rewrite_metadata(
         saved, tmp_path / "v99.safetensors", lambda m: m.update(format_version=99)
     )
-    refuse(newer, match=r"format version 99 is not supported.*reads versions 1 to 1")
+    refuse(newer, match=r"format version 99 is not supported.*reads versions 1 to 2")
 
 
 def test_refuses_a_file_without_backbone_fingerprint(saved, tmp_path):
@@ -232,9 +235,9 @@ def test_refuses_a_file_made_with_other_mask_settings(saved, tmp_path, images):
 
 
 def test_refuses_wrong_mask_size_and_head_shapes(saved, tmp_path):
-    meta, tensors = ser.read_task_file(saved)
+    meta, tensors = taskfile.read_task_file(saved)
     tensors["masks"] = tensors["masks"][:-1].clone()
-    meta["checksum"] = ser.fingerprint(tensors)
+    meta["checksum"] = fileio.content_checksum(meta, tensors)
     short = tmp_path / "short.safetensors"
     save_file(tensors, str(short), metadata={"piggyback": json.dumps(meta)})
     refuse(short, match=r"expected 'masks' as uint8")
@@ -268,13 +271,13 @@ def test_writes_are_atomic(tmp_path, images, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ser, "save_file", crash)
+    monkeypatch.setattr(taskfile, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_task(path)
     assert path.read_bytes() == good  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # no temporary left
     mode = path.stat().st_mode & 0o777
-    assert mode == 0o666 & ~ser._umask()  # not mkstemp's private 0600
+    assert mode == 0o666 & ~fileio._umask()  # not mkstemp's private 0600
 
 
 def test_directory_refuses_other_backbone(tmp_path, images):

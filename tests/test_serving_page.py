@@ -42,8 +42,8 @@ def train_gtsrb_task(data: Path, weights: Path, directory: Path) -> Path:
     model = PiggybackModel(backbone.model, backbone_spec=backbone.spec)
     state = model.add_task("gtsrb", len(CLASSES), class_names=CLASSES, seed=0)
     model.set_task("gtsrb")
-    state.info["preprocess"] = preprocess_info(backbone.data_config, 32)
-    transform = transforms_for(state.info["preprocess"], train=False)
+    state.metadata.preprocess = preprocess_info(backbone.data_config, 32)
+    transform = transforms_for(state.metadata.preprocess, train=False)
     files = [
         (path, label)
         for label, name in enumerate(CLASSES)
@@ -62,7 +62,7 @@ def train_gtsrb_task(data: Path, weights: Path, directory: Path) -> Path:
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy >= 0.95, f"the quick task fits only {accuracy:.0%} of its training images"
-    state.routing = fit_routing_profile(model, [(x, y)], state.info["preprocess"])  # for "auto"
+    state.routing = fit_routing_profile(model, [(x, y)], state.metadata.preprocess)  # for "auto"
     model.save_pretrained(directory)
     return directory
 

@@ -62,9 +62,9 @@ def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_
         assert (run_dir / name).is_file(), name
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     model = PiggybackModel.from_pretrained(tmp_path / "model", tasks=["data"])
-    info = model.task("data").info
-    assert info["preprocess"]["image_size"] == 32
-    assert info["results"]["test_top1"] == result.test["top1"]
+    metadata = model.task("data").metadata
+    assert metadata.preprocess["image_size"] == 32
+    assert metadata.results["test_top1"] == result.test["top1"]
     assert model.task("data").class_names == ["class_0", "class_1", "class_2"]
 
 
@@ -154,7 +154,7 @@ def test_baselines_train_and_save(tiny_data, tiny_weights, tmp_path, method):
     )
     assert result.density is None
     model = PiggybackModel.from_pretrained(tmp_path / "m", tasks=["data"])
-    assert model.task("data").method == method
+    assert model.task("data").method_name == method
 
 
 def test_config_file_values_and_flag_overrides(tmp_path):

@@ -198,7 +198,7 @@ def eval_command(
         progress=progress,
     )
     path = output or model_dir / "runs" / task / f"eval-{split}.json"
-    from piggyback.serialization import write_json_atomic
+    from piggyback.fileio import write_json_atomic
 
     write_json_atomic(path, result)
     typer.echo(format_evaluation(result, per_class=per_class))

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-MaskKind = Literal["binary", "ternary"]
+from piggyback.mask_kinds import get_mask_kind
+
 ScoreInit = Literal["ones", "uniform"]
 
 #: Layer families that can be masked: "linear" (nn.Linear and subclasses), "conv" (nn.Conv1d/2d/3d,
@@ -24,7 +25,8 @@ class PiggybackConfig:
     """Settings shared by all tasks of a model; defaults are the paper's.
 
     Attributes:
-        mask_kind: "binary" masks in {0, 1}, or "ternary" masks in {-1, 0, 1}.
+        mask_kind: name of a registered mask kind (`piggyback.mask_kinds`): "binary" masks in
+            {0, 1} (the paper), "ternary" masks in {-1, 0, 1}, or one registered by the user.
         threshold: a score above it switches its weight on (paper: 5e-3).
         init: "ones" fills every score with `init_value`, so training starts from the exact
             pretrained network; "uniform" draws scores from U(-init_value, init_value) as the
@@ -39,7 +41,7 @@ class PiggybackConfig:
         head: dotted name of the classifier module; None finds it automatically.
     """
 
-    mask_kind: MaskKind = "binary"
+    mask_kind: str = "binary"
     threshold: float = 5e-3
     init: ScoreInit = "ones"
     init_value: float = 1e-2
@@ -58,22 +60,21 @@ class PiggybackConfig:
 
     def validate(self) -> None:
         """Refuse settings that would silently give a broken or untrainable model."""
-        if self.mask_kind not in ("binary", "ternary"):
-            raise ValueError(f"mask_kind must be 'binary' or 'ternary', got {self.mask_kind!r}")
         if self.init not in ("ones", "uniform"):
             raise ValueError(f"init must be 'ones' or 'uniform', got {self.init!r}")
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
-        if self.init == "ones" and self.init_value <= self.threshold:
-            raise ValueError(
-                f"init_value ({self.init_value}) must exceed threshold ({self.threshold}): "
-                "otherwise every weight starts switched off instead of at the pretrained network"
-            )
+        self.kind.check(self)
         unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if unknown or not self.layer_types:
             raise ValueError(
                 f"layer_types must be a non-empty subset of {LAYER_TYPES}, got {unknown}"
             )
+
+    @property
+    def kind(self):
+        """The mask kind strategy (`piggyback.mask_kinds.MaskKind`) named by `mask_kind`."""
+        return get_mask_kind(self.mask_kind)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (tuples become lists)."""

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from piggyback.errors import TaskFileError
 from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.model_dir import read_model_config
 from piggyback.packing import unpack_codes
-from piggyback.serialization import read_model_config, read_task_file
+from piggyback.taskfile import read_task_file
 
 __all__ = ["describe_model_dir", "format_description"]
 
@@ -86,7 +87,7 @@ def _layer_density(
     meta: dict[str, Any], tensors: dict[str, Tensor], layers: list[tuple[str, int]]
 ) -> dict[str, float] | None:
     """Fraction of non-zero mask entries per masked tensor; None without masks."""
-    if meta["method"] != "piggyback":
+    if "masks" not in tensors:  # a method without masks (classifier, finetune)
         return None
     sizes = [count for _, count in layers]
     codes = unpack_codes(tensors["masks"], sum(sizes), int(meta["bits_per_weight"]))

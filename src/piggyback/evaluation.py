@@ -40,7 +40,7 @@ def evaluate_task(
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task])
     model.set_task(task)
     state = model.task(task)
-    training = state.info.get("training", {})
+    training = state.metadata.training or {}
     splits = load_splits(
         data,
         data_format,
@@ -75,7 +75,7 @@ def evaluate_task(
 
 def _head_outputs(model: PiggybackModel, task: str) -> int:
     """Number of classes a task's head predicts (its last weight's first dimension)."""
-    weights = [p for n, p in model.heads.heads[task].named_parameters() if n.endswith("weight")]
+    weights = [p for n, p in model.task(task).head.named_parameters() if n.endswith("weight")]
     return int(weights[-1].shape[0])
 
 

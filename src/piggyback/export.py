@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 import piggyback
 from piggyback.errors import PiggybackError
+from piggyback.fileio import write_atomic, write_json_atomic
 from piggyback.predict import resolve_preprocess
-from piggyback.serialization import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
@@ -270,7 +270,7 @@ def _sidecar(
         "format_version": 1,
         "piggyback_version": piggyback.__version__,
         "task": task,
-        "method": state.method,
+        "method": state.method_name,
         "num_classes": num_classes,
         "class_names": state.class_names or [str(i) for i in range(num_classes)],
         "input": {"name": INPUT_NAME, "shape": [batch, 3, side, side], "dtype": "float32"},
@@ -289,5 +289,5 @@ def _sidecar(
         },
         "files": files,
         "backbone": {"spec": model.backbone_spec, "fingerprint": model.fingerprint},
-        "results": state.info.get("results"),
+        "results": state.metadata.results,
     }

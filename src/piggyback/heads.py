@@ -1,15 +1,15 @@
-"""One classifier head per task, in place of the backbone's head.
+"""The classifier slot of a wrapped backbone: it runs the active task's head.
 
-Like PEFT's `ModulesToSaveWrapper`: the wrapper sits where the backbone's head was, keeps the
-original, and forwards to the head of the active task. Heads are modules (not swapped tensors)
-because a task's head usually has another number of classes than the backbone's.
+Like PEFT's `ModulesToSaveWrapper`: the wrapper sits where the backbone's head was and keeps the
+original. Each task owns its head (`TaskState.head`); the wrapper only points at the active one,
+without registering it, so a head's parameters belong to exactly one module tree (its task's).
+Heads are modules (not swapped tensors) because a task's head usually has another number of
+classes than the backbone's.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -18,27 +18,22 @@ from piggyback.errors import TaskError, UnsupportedModelError
 
 
 class TaskHeads(nn.Module):
-    """Holds the backbone's original head and one head per task; runs the active task's head."""
+    """Holds the backbone's original head; forwards to the active task's head."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original = original
-        self.heads = nn.ModuleDict()
         self.active: str | None = None
+        self._head: list[nn.Module] = []  # a list, so that nn.Module does not register it
+
+    def activate(self, name: str | None, head: nn.Module | None) -> None:
+        self.active = name
+        self._head = [head] if head is not None else []
 
     def forward(self, *args, **kwargs):
-        if self.active is None:
+        if not self._head:
             raise TaskError("no task is set: call model.set_task(name) first")
-        return self.heads[self.active](*args, **kwargs)
-
-    @contextmanager
-    def routed_to(self, name: str) -> Iterator[None]:
-        """Run task `name`'s head within the block (the caller holds the model's swap lock)."""
-        active, self.active = self.active, name
-        try:
-            yield
-        finally:
-            self.active = active
+        return self._head[0](*args, **kwargs)
 
 
 def _first_param(module: nn.Module) -> torch.Tensor | None:

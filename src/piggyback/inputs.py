@@ -43,17 +43,16 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 
 
 def decode(image: ImageInput) -> Image.Image | Tensor:
-    """A PIL RGB image (from a PIL image, a path or bytes), or a CHW tensor as given."""
+    """A PIL RGB image (from a PIL image, a path or bytes; see `decode_image`), or a CHW tensor
+    as given (already preprocessed)."""
     if isinstance(image, Tensor):
         if image.dim() != 3:
             raise DataError(
                 f"a preprocessed image must be a CHW tensor, got shape {tuple(image.shape)}"
             )
         return image
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, bytes | bytearray | str | os.PathLike):
-        return decode_image(image)  # an ImageError (a DataError) naming what is wrong
+    if isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
+        return decode_image(image)
     raise DataError(
         f"cannot read an image from a {type(image).__name__}: expected a PIL image, a path, "
         "bytes or a preprocessed CHW tensor"

@@ -1,16 +1,15 @@
-"""Thresholding real-valued scores into masks, with straight-through gradients.
+"""Thresholding real-valued scores into masks, with straight-through gradients; mask density.
 
 The forward pass uses the hard mask; the backward pass passes the gradient of the mask straight to
 the scores (the straight-through estimator of the paper), so dL/dscore = dL/dmask = dL/dW' * W for
-a masked weight W' = W * mask.
+a masked weight W' = W * mask. The mask kinds that use these functions (and how masks are coded for
+storage) are in `piggyback.mask_kinds`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from piggyback.config import MaskKind, PiggybackConfig
 
 
 class BinaryMask(torch.autograd.Function):
@@ -49,43 +48,6 @@ class TernaryMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
         return grad_output, None
-
-
-def threshold_scores(scores: Tensor, kind: MaskKind, threshold: float) -> Tensor:
-    """The differentiable mask of `scores` (same dtype as the scores)."""
-    if kind == "binary":
-        return BinaryMask.apply(scores, threshold)
-    return TernaryMask.apply(scores, threshold)
-
-
-# Masks are stored as small integer codes: binary 0/1 in 1 bit, ternary 0/+1/-1 as 0/1/2 in 2 bits.
-BITS_PER_WEIGHT: dict[str, int] = {"binary": 1, "ternary": 2}
-_TERNARY_VALUES = (0.0, 1.0, -1.0)
-
-
-def mask_to_codes(mask: Tensor, kind: MaskKind) -> Tensor:
-    """Hard mask values -> uint8 codes (binary: 0/1; ternary: 0, 1 for +1, 2 for -1)."""
-    if kind == "binary":
-        return (mask > 0).to(torch.uint8)
-    return (mask > 0).to(torch.uint8) + 2 * (mask < 0).to(torch.uint8)
-
-
-def codes_to_mask(codes: Tensor, kind: MaskKind, dtype: torch.dtype) -> Tensor:
-    """uint8 codes -> mask values in `dtype`; inverse of `mask_to_codes`."""
-    if kind == "binary":
-        return codes.to(dtype)
-    values = torch.tensor(_TERNARY_VALUES, dtype=dtype, device=codes.device)
-    return values[codes.long()]
-
-
-def init_scores(
-    shape: torch.Size, config: PiggybackConfig, generator: torch.Generator | None
-) -> Tensor:
-    """Initial scores: constant `init_value` ("ones"), or U(-init_value, init_value) ("uniform")."""
-    if config.init == "ones":
-        return torch.full(shape, config.init_value, dtype=torch.float32)
-    scores = torch.empty(shape, dtype=torch.float32)
-    return scores.uniform_(-config.init_value, config.init_value, generator=generator)
 
 
 def fraction_on(mask: Tensor) -> float:

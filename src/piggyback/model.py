@@ -20,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from piggyback import model_dir, taskfile
 from piggyback.config import PiggybackConfig
-from piggyback.errors import TaskError, UnsupportedModelError
+from piggyback.errors import TaskError, TaskFileError, UnsupportedModelError
 from piggyback.fingerprint import fingerprint
 from piggyback.heads import TaskHeads, new_head
 from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.methods import TaskMethod, get_method
+from piggyback.recompute import BackwardSwap, reapply_in_backward
 from piggyback.swap import Slot, swapped
 from piggyback.targets import (
     MaskTarget,
@@ -35,8 +38,14 @@ from piggyback.targets import (
     in_subtree,
     is_norm,
 )
-from piggyback.task_cache import TaskCache
-from piggyback.tasks import Method, TaskState, check_task_name
+from piggyback.tasks import TaskMetadata, TaskState, check_task_name
+
+
+def _version(tensor: Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter and cannot change
+        return -1
 
 
 class PiggybackModel(nn.Module):
@@ -87,11 +96,12 @@ class PiggybackModel(nn.Module):
         ]
         self._active: str | None = None
         self._slots: dict[str, Slot] = {}
-        # Masked weights of recently used tasks (eval mode); one task unless configured otherwise.
-        self.task_cache = TaskCache(max_tasks=1)
+        self._cache: tuple[tuple, list[Tensor]] | None = None
         # Swapping tensors into the shared backbone is not safe from two threads at once; the
         # lock makes concurrent forward passes wait instead of mixing each other's weights.
         self._swap_lock = threading.RLock()
+        self._backward_swap = BackwardSwap(self._swap_lock)
+        self._applied: list[dict[str, Tensor]] = []  # originals of the swaps now active
         self.train(backbone.training)
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -129,16 +139,17 @@ class PiggybackModel(nn.Module):
         name: str,
         num_classes: int | None = None,
         *,
-        method: Method = "piggyback",
+        method: str | TaskMethod = "piggyback",
         class_names: list[str] | None = None,
         task_norms: bool | None = None,
         seed: int | None = None,
     ) -> TaskState:
-        """Add a task; it is not activated (call `set_task`).
+        """Add a trainable task; it is not activated (call `set_task`).
 
         Args:
             num_classes: size of the task's new head; None copies the backbone's own head.
-            method: "piggyback" (learn a mask), "classifier" (head only), "finetune" (all).
+            method: a registered method (`piggyback.methods`): "piggyback" (learn a mask),
+                "classifier" (head only) or "finetune" (all weights).
             class_names: optional names of the classes, saved with the task.
             task_norms: own normalization tensors for this task (default: config.task_norms).
             seed: seeds the head and score initialisation, so that a task is initialised the same
@@ -149,19 +160,24 @@ class PiggybackModel(nn.Module):
             raise TaskError(f"task {name!r} already exists; delete_task({name!r}) first")
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        state = TaskState(name, method, num_classes=num_classes, class_names=class_names)
-        device = self.device
-        if method == "piggyback":
-            state.init_scores(self.targets, self.config, seed, device)
-        if method == "finetune":
-            state.copy_tensors(state.weights, self.backbone_tensors(exclude_head=True))
-        elif self.config.task_norms if task_norms is None else task_norms:
+        strategy = get_method(method)
+        state = TaskState(
+            name,
+            strategy,
+            head=new_head(self.heads.original, num_classes, seed),
+            metadata=TaskMetadata(class_names=class_names),
+            head_classes=num_classes,
+        )
+        strategy.build(state, self, seed)
+        if not strategy.trains_norms and (
+            self.config.task_norms if task_norms is None else task_norms
+        ):
             state.copy_tensors(state.norms, self.backbone_tensors(names=self.norm_names))
-        self.install_task(state, new_head(self.heads.original, num_classes, seed))
+        self.install_task(state)
         return state
 
-    def install_task(self, state: TaskState, head: nn.Module, *, replace: bool = False) -> None:
-        """Register a fully built task and its head (add_task, loading files, checkpoints).
+    def install_task(self, state: TaskState, *, replace: bool = False) -> None:
+        """Register a fully built task (add_task, task files, checkpoints); nothing trains yet.
 
         `replace=True` swaps out a task of the same name in one step: forward passes running in
         other threads finish first, and none sees the old task afterwards.
@@ -172,21 +188,20 @@ class PiggybackModel(nn.Module):
                     raise TaskError(f"task {state.task_name!r} already exists")
                 self.delete_task(state.task_name)
             self.task_states[state.task_name] = state
-            self.heads.heads[state.task_name] = head
         state.requires_grad_(False)
-        head.requires_grad_(False)
 
     def set_task(self, name: str) -> None:
         """Make `name` the active task: the one forward() runs and the only one that trains."""
         state = self.task(name)
         self._active = name
-        self.heads.active = name
-        for other, other_state in self.task_states.items():
-            other_state.requires_grad_(False)
-            self.heads.heads[other].requires_grad_(False)
-        for group in self._parameter_groups(state).values():
-            for param in group:
-                param.requires_grad_(True)
+        self.heads.activate(name, state.head)
+        for other in self.task_states.values():
+            other.requires_grad_(False)
+        if not state.is_frozen:
+            for group in state.parameter_groups().values():
+                for param in group:
+                    param.requires_grad_(True)
+        self._cache = None
         self._sync_norm_modes()
 
     def delete_task(self, name: str) -> None:
@@ -194,32 +209,40 @@ class PiggybackModel(nn.Module):
         self.task(name)
         with self._swap_lock:
             del self.task_states[name]
-            del self.heads.heads[name]
             if self._active == name:
                 self._active = None
-                self.heads.active = None
-            self.task_cache.discard(name)
+                self.heads.activate(None, None)
+            self._cache = None
+
+    def freeze_task(self, name: str | None = None) -> None:
+        """TRAINABLE -> FROZEN: pack the task's masks to bits and stop it training (inference)."""
+        self.task(name).freeze(self.targets, self.config)
+        self._cache = None
+
+    def unfreeze_task(self, name: str | None = None) -> None:
+        """FROZEN -> TRAINABLE: continue training a saved task; scores are rebuilt from its mask
+        (on: init_value, off: 0), so training resumes from exactly the saved task."""
+        state = self.task(name)
+        state.unfreeze(self.targets, self.config)
+        self._cache = None
+        if state.task_name == self._active:
+            self.set_task(state.task_name)
 
     # -- training -------------------------------------------------------------------------------
-
-    def _parameter_groups(self, state: TaskState) -> dict[str, list[nn.Parameter]]:
-        own = state.parameter_groups()
-        head = {"head": list(self.heads.heads[state.task_name].parameters())}
-        order = ("scores", "backbone", "head", "norms")
-        return {name: (own | head)[name] for name in order if name in own | head}
 
     def trainable_parameters(self, task: str | None = None) -> list[dict[str, Any]]:
         """Optimizer parameter groups of a task: scores / head / norms (or backbone, finetune).
 
         Each group is a dict with "name" and "params", so each can get its own learning rate:
-        `torch.optim.Adam(model.trainable_parameters())`.
+        `torch.optim.Adam(model.trainable_parameters())`. A frozen task is refused.
         """
         state = self.task(task)
-        return [{"name": n, "params": p} for n, p in self._parameter_groups(state).items() if p]
+        state.require_trainable()
+        return [{"name": n, "params": p} for n, p in state.parameter_groups().items()]
 
     def train(self, mode: bool = True) -> PiggybackModel:
         super().train(mode)
-        self.task_cache.clear()
+        self._cache = None
         self._sync_norm_modes()
         return self
 
@@ -233,26 +256,51 @@ class PiggybackModel(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        with self.task_applied() as backbone:
-            return backbone(*args, **kwargs)
+        state = self.task()
+        if not self._needs_graph(state):
+            with self.task_applied() as backbone:
+                return backbone(*args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            state.require_trainable()
+        slots = self._task_slots(state)
+        tensors = self._compute_tensors(state)
+        with self._swapped(slots, tensors):
+            outputs = self.backbone(*args, **kwargs)
+        # Recomputation during backward (gradient checkpointing) must see the same tensors.
+        return reapply_in_backward(outputs, self._backward_swap, state.task_name, slots, tensors)
 
     @contextmanager
     def task_applied(self, task: str | None = None) -> Iterator[nn.Module]:
-        """Within this block the backbone computes with a task's weights and head.
+        """Within this block the backbone computes with a task's weights (default: active).
 
         For other backbone methods: `with m.task_applied() as b: b.forward_features(x)`.
-        `task` (default: the active task) applies another task for this block only, without
-        changing the active one; threads each running their own task take turns.
         """
         state = self.task(task)
-        names = state.swapped_names(self.targets)
-        slots = [self._slot(n) for n in names]
-        with (
-            self._swap_lock,
-            swapped(slots, self._task_tensors(state)),
-            self.heads.routed_to(state.task_name),
-        ):
-            yield self.backbone
+        with self.tensors_applied(state.task_name, self._task_tensors(state)) as backbone:
+            yield backbone
+
+    @contextmanager
+    def tensors_applied(self, task: str, tensors: list[Tensor]) -> Iterator[nn.Module]:
+        """The backbone with `tensors` (from `task_tensors(task)`) in the task's slots.
+
+        Lets a caller keep the tensors of several tasks (an LRU cache of a predictor) and apply
+        any of them without recomputing; the task's own head runs in the head slot.
+        """
+        state = self.task(task)
+        heads = self.heads
+        previous = (heads.active, heads._head[0] if heads._head else None)
+        with self._swapped(self._task_slots(state), tensors):
+            heads.activate(state.task_name, state.head)
+            try:
+                yield self.backbone
+            finally:
+                heads.activate(*previous)
+
+    @property
+    def swap_lock(self) -> threading.RLock:
+        """Held while tensors are swapped in and while tasks are added or removed; hold it to
+        run several steps against one unchanging set of tasks (re-entrant)."""
+        return self._swap_lock
 
     def backbone_features(self, *args, **kwargs) -> Tensor:
         """What the frozen backbone, with no task applied, hands to its head (pooled features).
@@ -269,39 +317,61 @@ class PiggybackModel(nn.Module):
                 self.backbone.set_submodule(self.head_name, heads)
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
+    def task_tensors(self, task: str | None = None) -> list[Tensor]:
+        """The tensors a task puts into the backbone (W * mask, norms), computed without a graph."""
+        state = self.task(task)
+        with torch.inference_mode(False), torch.no_grad():
+            return self._compute_tensors(state)
+
+    def _task_slots(self, state: TaskState) -> list[Slot]:
+        names = state.method.swapped_names(state, self) + state.norms.names
+        return [self._slot(n) for n in names]
+
     def _slot(self, name: str) -> Slot:
         if name not in self._slots:
             self._slots[name] = Slot.resolve(self.backbone, name)
         return self._slots[name]
 
-    def _task_tensors(self, state: TaskState) -> list[Tensor]:
-        """The tensors to swap in; cached in eval mode when no gradient has to reach them."""
-        needs_graph = self.training or (
+    @contextmanager
+    def _swapped(self, slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
+        """`swap.swapped` under the lock, remembering the originals for `backbone_weight`."""
+        with self._swap_lock:
+            self._applied.append({slot.name: slot.get() for slot in slots})
+            try:
+                with swapped(slots, tensors):
+                    yield
+            finally:
+                self._applied.pop()
+
+    def backbone_weight(self, name: str) -> Tensor:
+        """The frozen backbone tensor called `name`, also while a task's tensors are applied
+        (a forward pass inside `task_applied` must mask W, not the applied W * mask)."""
+        for originals in self._applied:  # the outermost swap holds the frozen originals
+            if name in originals:
+                return originals[name]
+        return self._slot(name).get()
+
+    def _needs_graph(self, state: TaskState) -> bool:
+        return self.training or (
             torch.is_grad_enabled() and any(p.requires_grad for p in state.parameters())
         )
-        if needs_graph:
+
+    def _task_tensors(self, state: TaskState) -> list[Tensor]:
+        """The tensors to swap in; cached in eval mode when no gradient has to reach them."""
+        if self._needs_graph(state):
             return self._compute_tensors(state)
-        weights = [self._slot(t.name).get() for t in self.targets]
-        sources = [state, *state.mask_inputs(), *weights, *state.own_tensors()]
-
-        def compute() -> list[Tensor]:
+        inputs = state.mask_inputs() + [self.backbone_weight(t.name) for t in self.targets]
+        key = (state.task_name, id(state), tuple((id(t), _version(t)) for t in inputs))
+        if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                return self._compute_tensors(state)
-
-        return self.task_cache.get(state.task_name, sources, compute)
+                self._cache = (key, self._compute_tensors(state))
+        return self._cache[1]
 
     def _compute_tensors(self, state: TaskState) -> list[Tensor]:
-        tensors = []
-        if state.method == "piggyback":
-            for target, mask in zip(
-                self.targets, state.masks(self.targets, self.config), strict=True
-            ):
-                weight = self._slot(target.name).get()
-                tensors.append(weight * mask.to(weight.dtype))
-        return tensors + state.own_tensors()
+        return state.method.tensors(state, self) + state.own_tensors()
 
     def _apply(self, fn, recurse=True):
-        self.task_cache.clear()  # .to() / .cuda() / .half() give new tensors
+        self._cache = None  # .to() / .cuda() / .half() give new tensors
         return super()._apply(fn, recurse)
 
     # -- inspection -----------------------------------------------------------------------------
@@ -325,7 +395,7 @@ class PiggybackModel(nn.Module):
     def mask_density(self, task: str | None = None) -> dict[str, float]:
         """Fraction of non-zero mask entries per masked tensor (piggyback tasks only)."""
         state = self.task(task)
-        if state.method != "piggyback":
+        if not state.method.uses_masks:
             return {}
         with torch.no_grad():
             masks = state.masks(self.targets, self.config)
@@ -351,7 +421,7 @@ class PiggybackModel(nn.Module):
         torch.export / ONNX. This model is left unchanged.
         """
         state = self.task(task)
-        head = self.heads.heads[state.task_name]
+        head = state.head
         with torch.no_grad():
             tensors = self._compute_tensors(state)
         heads = self.heads
@@ -360,8 +430,8 @@ class PiggybackModel(nn.Module):
             merged = copy.deepcopy(self.backbone)
         finally:
             self.backbone.set_submodule(self.head_name, heads)
-        for name, tensor in zip(state.swapped_names(self.targets), tensors, strict=True):
-            slot = Slot.resolve(merged, name)
+        for slot_in_model, tensor in zip(self._task_slots(state), tensors, strict=True):
+            slot = Slot.resolve(merged, slot_in_model.name)
             value = tensor.detach().clone()
             slot.store[slot.key] = nn.Parameter(value) if slot.is_parameter else value
         merged.requires_grad_(True)
@@ -379,17 +449,15 @@ class PiggybackModel(nn.Module):
         backbone.train(self.training)  # norm modules follow the model's mode again
         self.task_states = nn.ModuleDict()
         self._active = None
-        self.task_cache.clear()
+        self._cache = None
         self._slots = {}
         return backbone
 
-    # -- files (see piggyback.serialization) ----------------------------------------------------
+    # -- files (see piggyback.taskfile and piggyback.model_dir) ---------------------------------
 
     def save_task(self, path: str | Path, task: str | None = None) -> Path:
         """Write one task to a safetensors file (bit-packed masks, head, norms, metadata)."""
-        from piggyback.serialization import save_task
-
-        return save_task(self, self.task(task).task_name, Path(path))
+        return taskfile.save_task(self, self.task(task).task_name, Path(path))
 
     def load_task(
         self,
@@ -399,21 +467,16 @@ class PiggybackModel(nn.Module):
         check_fingerprint: bool = True,
         replace: bool = False,
     ) -> str:
-        """Add the task stored in `path` as `name` (default: its saved name); returns the name.
-
-        `replace=True` replaces a task of that name once the file has been checked completely.
-        """
-        from piggyback.serialization import load_task
-
-        return load_task(
+        """Add the task stored in `path` as `name` (default: its saved name), frozen; returns
+        the name. `unfreeze_task(name)` makes it trainable again. `replace=True` replaces a task
+        of that name, once the file has been checked completely."""
+        return taskfile.load_task(
             self, Path(path), name=name, check_fingerprint=check_fingerprint, replace=replace
         )
 
     def save_pretrained(self, directory: str | Path, tasks: list[str] | None = None) -> Path:
         """Write the model config and one file per task into `directory` (like PEFT)."""
-        from piggyback.serialization import save_pretrained
-
-        return save_pretrained(self, Path(directory), tasks)
+        return model_dir.save_pretrained(self, Path(directory), tasks)
 
     @classmethod
     def from_pretrained(
@@ -425,8 +488,24 @@ class PiggybackModel(nn.Module):
         check_fingerprint: bool = True,
     ) -> PiggybackModel:
         """Rebuild a saved model: onto `backbone`, or the one its config describes."""
-        from piggyback.serialization import from_pretrained
+        directory = Path(directory)
+        data = model_dir.read_model_config(directory)
+        spec = data["backbone"].get("spec") or {}
+        if backbone is None:
+            if not spec:
+                raise TaskFileError(f"{directory} does not say how to build its backbone; pass one")
+            from piggyback.backbones import create_backbone_from_spec  # imports timm: lazily
 
-        return from_pretrained(
-            Path(directory), backbone, tasks=tasks, check_fingerprint=check_fingerprint
-        )
+            backbone = create_backbone_from_spec(spec).model
+        model = cls(backbone, PiggybackConfig.from_dict(data["config"]), backbone_spec=spec)
+        if check_fingerprint:
+            taskfile.check_backbone(model, directory, data["backbone"]["fingerprint"], spec)
+        names = list(data["tasks"]) if tasks is None else tasks
+        for name in names:
+            if name not in data["tasks"]:
+                raise TaskError(f"{directory} has no task {name!r}; it has {list(data['tasks'])}")
+            path = directory / data["tasks"][name]["file"]
+            taskfile.load_task(
+                model, path, name=name, check_fingerprint=check_fingerprint, expected_name=name
+            )
+        return model

@@ -62,7 +62,7 @@ def resolve_preprocess(
     resize / crop ratio, so the field of view stays the one the task was trained on.
     """
     state = model.task(task)
-    recorded = state.info.get("preprocess") or _backbone_preprocess(model)
+    recorded = state.metadata.preprocess or _backbone_preprocess(model)
     given = {"image_size": image_size, "mean": mean, "std": std}
     found = {**recorded, **{k: v for k, v in given.items() if v is not None}}
     missing = [key for key in _REQUIRED if found.get(key) is None]

@@ -1,8 +1,8 @@
 """Serving many tasks from one backbone: `Predictor`.
 
 The point of piggyback at inference is one backbone in memory and any number of tasks at ~1 bit
-per weight each, any request answered by any task. A `Predictor` keeps every loaded task packed
-and the masked weights of the most recently used ones in the model's LRU `TaskCache`, so
+per weight each, any request answered by any task. A `Predictor` keeps every loaded task frozen
+(packed) and the masked weights of the most recently used ones in an LRU `TaskCache`, so
 alternating between a few tasks recomputes nothing. A batch may mix tasks: it is grouped by task
 and each group runs once (as PEFT's `adapter_names`), so each image gets exactly the result its
 group computes. `tasks="auto"` picks each image's task from the image itself (`piggyback.routing`).
@@ -33,7 +33,8 @@ from piggyback.routing import (
     route_by_entropy,
     route_by_prototypes,
 )
-from piggyback.task_cache import CacheInfo
+from piggyback.task_cache import CacheInfo, TaskCache
+from piggyback.tasks import TaskState
 
 __all__ = ["AUTO", "Predictor", "TaskPrediction"]
 
@@ -73,8 +74,8 @@ class Predictor:
     """Answers images with any of a model's tasks, keeping recently used tasks ready.
 
     Args:
-        model: the model whose tasks to serve; it is put in eval mode and its task cache is
-            given the budget below (the Predictor owns it from now on).
+        model: the model whose tasks to serve; it is put in eval mode and tasks still trainable
+            are frozen (masks packed to bits): the Predictor owns it from now on.
         max_cached_tasks: how many tasks' masked weights stay in memory (None: no limit).
         max_cache_bytes: the same budget in bytes (None: no limit); both apply when both are set.
     """
@@ -87,7 +88,10 @@ class Predictor:
         max_cache_bytes: int | None = None,
     ) -> None:
         self.model = model.eval()
-        model.task_cache.configure(max_tasks=max_cached_tasks, max_bytes=max_cache_bytes)
+        for name in model.tasks:
+            if not model.task(name).is_frozen:
+                model.freeze_task(name)
+        self.task_cache = TaskCache(max_tasks=max_cached_tasks, max_bytes=max_cache_bytes)
         self._lock = threading.Lock()  # guards the memos below
         self._preprocess: dict[str, tuple[object, dict[str, Any]]] = {}
         self._transforms: dict[str, Transform] = {}
@@ -101,18 +105,23 @@ class Predictor:
         device: str | torch.device = "auto",
         tasks: Sequence[str] | None = None,
         backbone: nn.Module | None = None,
+        channels_last: bool = True,
         **cache_options: Any,
     ) -> Predictor:
         """A Predictor over a saved model directory (all its tasks, or `tasks`), on `device`.
 
         `backbone`: the network to load the tasks onto, for models whose directory cannot say
         how to build it (your own nn.Module); by default it is built from the saved spec.
+        `channels_last`: the memory layout training uses too; convolutions run faster in it.
         """
         from piggyback.training.run import resolve_device
 
         names = list(tasks) if tasks is not None else None
         model = PiggybackModel.from_pretrained(directory, backbone, tasks=names)
-        return cls(model.to(resolve_device(str(device))), **cache_options)
+        model.to(resolve_device(str(device)))
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return cls(model, **cache_options)
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -123,15 +132,15 @@ class Predictor:
     def task_description(self, name: str) -> dict[str, Any]:
         """What a client needs to know about a task: classes, preprocessing, results, routing."""
         state = self.model.task(name)
-        num_classes = _num_classes(self.model, name)
+        num_classes = state.num_classes
         profile = state.routing
         return {
             "task": name,
-            "method": state.method,
+            "method": state.method_name,
             "num_classes": num_classes,
             "classes": _class_names(state.class_names, num_classes, name),
             "preprocess": self.preprocess(name),
-            "results": state.info.get("results"),
+            "results": state.metadata.results,
             "routing": profile.describe() if profile is not None else None,
             "bytes": self.memory()["tasks"][name],
         }
@@ -142,11 +151,14 @@ class Predictor:
         The file is checked completely first; the swap itself waits for running forward passes,
         and the cache forgets the old task, so no request is answered by a half or stale task.
         """
-        return self.model.load_task(path, name, replace=replace)
+        loaded = self.model.load_task(path, name, replace=replace)
+        self.task_cache.discard(loaded)  # its entry would miss anyway; free the memory now
+        return loaded
 
     def delete_task(self, name: str) -> None:
         """Unload a task (waits for running forward passes; its cached weights are dropped)."""
         self.model.delete_task(name)
+        self.task_cache.discard(name)
 
     def preprocess(self, name: str) -> dict[str, Any]:
         """The task's evaluation preprocessing (image size, resize, mean, std, interpolation)."""
@@ -180,7 +192,7 @@ class Predictor:
         it is still trainable); the cache counts the masked weights it keeps.
         """
         backbone = _storage_bytes(self.model.backbone_tensors(exclude_head=True).values())
-        tasks = {name: _storage_bytes(_task_tensors(self.model, name)) for name in self.tasks}
+        tasks = {name: _storage_bytes(_task_tensors(self.model.task(name))) for name in self.tasks}
         cache = self.cache_info().bytes
         return {
             "backbone_bytes": backbone,
@@ -192,7 +204,7 @@ class Predictor:
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, evictions, cached tasks and bytes of the masked-weight cache."""
-        return self.model.task_cache.info()
+        return self.task_cache.info()
 
     # -- predicting -----------------------------------------------------------------------------
 
@@ -221,13 +233,13 @@ class Predictor:
             routes, probabilities = self._route(prepared, auto)
             for index, route in routes.items():  # entropy routing already ran the chosen task
                 if index in probabilities:
-                    results[index] = self._answer(route.task, probabilities[index], top_k, route)
+                    row, names = probabilities[index]
+                    results[index] = self._answer(route.task, row, names, top_k, route)
         chosen = [routes[i].task if name == AUTO else name for i, name in enumerate(wanted)]
         for task, indices in _groups(chosen, skip={i for i, r in enumerate(results) if r}).items():
-            for index, row in zip(
-                indices, self._probabilities(task, prepared, indices), strict=True
-            ):
-                results[index] = self._answer(task, row, top_k, routes.get(index))
+            probabilities, names = self._probabilities(task, prepared, indices)
+            for index, row in zip(indices, probabilities, strict=True):
+                results[index] = self._answer(task, row, names, top_k, routes.get(index))
         return results  # type: ignore[return-value]
 
     def predict_each(
@@ -246,9 +258,19 @@ class Predictor:
 
     def logits(self, batch: Tensor, task: str) -> Tensor:
         """The raw outputs of `task` for an already preprocessed NCHW batch."""
+        return self._forward(batch, task)[0]
+
+    def _forward(self, batch: Tensor, task: str) -> tuple[Tensor, list[str] | None]:
+        """Outputs and class names of one task. Under the model's swap lock: the task cannot be
+        replaced between looking up its cached tensors, applying them and reading its names."""
         model = self.model
-        with torch.inference_mode(), model.task_applied(task) as network:
-            return network(batch.to(model.device))
+        with torch.inference_mode(), model.swap_lock:
+            state = model.task(task)
+            tensors = self.task_cache.get(
+                task, _sources(model, state), lambda: model.task_tensors(task)
+            )
+            with model.tensors_applied(task, tensors) as network:
+                return network(batch.to(model.device)), state.class_names
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
         wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
@@ -262,12 +284,16 @@ class Predictor:
             raise TaskError("no task is loaded: nothing to route images to")
         return wanted
 
-    def _probabilities(self, task: str, prepared: PreparedImages, indices: list[int]) -> Tensor:
-        batch = prepared.batch(indices, self.preprocess(task))
-        return self.logits(batch, task).float().softmax(dim=1).cpu()
+    def _probabilities(
+        self, task: str, prepared: PreparedImages, indices: list[int]
+    ) -> tuple[Tensor, list[str] | None]:
+        logits, names = self._forward(prepared.batch(indices, self.preprocess(task)), task)
+        return logits.float().softmax(dim=1).cpu(), names
 
-    def _answer(self, task: str, row: Tensor, top_k: int, route: Route | None) -> TaskPrediction:
-        names = _class_names(self.model.task(task).class_names, row.numel(), task)
+    def _answer(
+        self, task: str, row: Tensor, names: list[str] | None, top_k: int, route: Route | None
+    ) -> TaskPrediction:
+        names = _class_names(names, row.numel(), task)
         values, classes = row.topk(min(top_k, row.numel()))
         top = [(names[c], v) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         if route is None:
@@ -278,7 +304,7 @@ class Predictor:
 
     def _route(
         self, prepared: PreparedImages, indices: list[int]
-    ) -> tuple[dict[int, Route], dict[int, Tensor]]:
+    ) -> tuple[dict[int, Route], dict[int, tuple[Tensor, list[str] | None]]]:
         """A task for each image at `indices`; with entropy routing also its probabilities."""
         names = self.tasks
         profiles = {name: self.model.task(name).routing for name in names}
@@ -287,10 +313,10 @@ class Predictor:
             features = self._routing_features(prepared, indices, profiles)
             return dict(zip(indices, route_by_prototypes(features, profiles), strict=True)), {}
         self._warn_fallback(missing)
-        probabilities = {name: self._probabilities(name, prepared, indices) for name in names}
-        routes = route_by_entropy(probabilities)
+        answers = {name: self._probabilities(name, prepared, indices) for name in names}
+        routes = route_by_entropy({name: probs for name, (probs, _) in answers.items()})
         chosen = {
-            index: probabilities[route.task][row]
+            index: (answers[route.task][0][row], answers[route.task][1])
             for row, (index, route) in enumerate(zip(indices, routes, strict=True))
         }
         return dict(zip(indices, routes, strict=True)), chosen
@@ -335,13 +361,6 @@ def _groups(chosen: list[str], skip: set[int]) -> dict[str, list[int]]:
     return groups
 
 
-def _num_classes(model: PiggybackModel, name: str) -> int | None:
-    state = model.task(name)
-    if state.num_classes is not None:
-        return state.num_classes
-    return state.class_names and len(state.class_names)
-
-
 def _class_names(names: list[str] | None, count: int | None, task: str) -> list[str] | None:
     if count is None:
         return names
@@ -352,11 +371,17 @@ def _class_names(names: list[str] | None, count: int | None, task: str) -> list[
     return names
 
 
-def _task_tensors(model: PiggybackModel, name: str) -> list[Tensor]:
-    state = model.task(name)
-    head = model.heads.heads[name]
+def _task_tensors(state: TaskState) -> list[Tensor]:
+    """Everything a task holds: packed masks (or scores), head, norms, routing prototypes."""
     routing = [state.routing.prototypes] if state.routing is not None else []
-    return [*state.parameters(), *state.buffers(), *head.parameters(), *head.buffers(), *routing]
+    return [*state.parameters(), *state.buffers(), *routing]
+
+
+def _sources(model: PiggybackModel, state: TaskState) -> list[object]:
+    """What a task's swapped tensors are computed from: a cache entry is valid while these are
+    the same objects, unchanged (see `TaskCache`)."""
+    weights = [model.backbone_weight(target.name) for target in model.targets]
+    return [state, *state.parameters(), *state.buffers(), *weights]
 
 
 def _storage_bytes(tensors) -> int:

@@ -40,6 +40,15 @@ def fit_routing_profile(
     max_prototypes: int = MAX_PROTOTYPES,
 ) -> RoutingProfile:
     """Class prototypes from `(images, labels)` batches prepared with `preprocess`."""
+    means, counts = class_feature_means(model, batches)
+    prototypes = prototypes_from_class_means(means, max_prototypes)
+    return RoutingProfile(prototypes, dict(preprocess), int(counts.sum()))
+
+
+def class_feature_means(
+    model: PiggybackModel, batches: Iterable[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Mean frozen-backbone feature of each class present (classes x features) and image counts."""
     sums: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
     was_training = model.training
@@ -56,9 +65,17 @@ def fit_routing_profile(
         model.train(was_training)
     if not sums:
         raise DataError("no images to compute routing prototypes from")
-    means = F.normalize(torch.stack([sums[c] / counts[c] for c in sorted(sums)]), dim=1)
-    prototypes = spherical_kmeans(means, max_prototypes) if len(means) > max_prototypes else means
-    return RoutingProfile(prototypes, dict(preprocess), sum(counts.values()))
+    classes = sorted(sums)
+    means = torch.stack([sums[c] / counts[c] for c in classes])
+    return means, torch.tensor([counts[c] for c in classes])
+
+
+def prototypes_from_class_means(means: Tensor, max_prototypes: int = MAX_PROTOTYPES) -> Tensor:
+    """Unit-length class means, merged by cosine k-means when there are more than allowed."""
+    prototypes = F.normalize(means.float(), dim=1)
+    if len(prototypes) > max_prototypes:
+        prototypes = spherical_kmeans(prototypes, max_prototypes)
+    return prototypes
 
 
 def spherical_kmeans(points: Tensor, k: int, *, iterations: int = 50, seed: int = 0) -> Tensor:

@@ -67,6 +67,10 @@ class RoutingProfile:
     images: int
     method: str = METHOD
 
+    def __post_init__(self) -> None:
+        # Kept as stored (float16): half the memory, and routing only ranks similarities.
+        self.prototypes = self.prototypes.detach().to("cpu", torch.float16)
+
     @property
     def nbytes(self) -> int:
         return self.prototypes.numel() * self.prototypes.element_size()
@@ -88,7 +92,7 @@ class RoutingProfile:
     # -- task files (see piggyback.serialization) -----------------------------------------------
 
     def file_tensors(self) -> dict[str, Tensor]:
-        return {PROTOTYPES_KEY: self.prototypes.to(torch.float16)}
+        return {PROTOTYPES_KEY: self.prototypes}
 
     def file_metadata(self) -> dict[str, Any]:
         return {"method": self.method, "preprocess": self.preprocess, "images": self.images}
@@ -118,7 +122,7 @@ def read_routing_profile(
             "Compute it again with `piggyback route-fit`"
         )
     return RoutingProfile(
-        prototypes.float(), dict(meta["preprocess"]), int(meta["images"]), str(meta["method"])
+        prototypes, dict(meta["preprocess"]), int(meta["images"]), str(meta["method"])
     )
 
 

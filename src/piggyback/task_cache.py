@@ -1,4 +1,5 @@
-"""An LRU cache of the tensors a task puts into the backbone (W * mask, for every masked weight).
+"""An LRU cache of the tensors a task puts into the backbone (W * mask, for every masked weight),
+kept by a `Predictor` for the tasks it serves.
 
 Computing a task's masked weights costs about one forward pass (unpacking P bits and multiplying
 P weights); keeping them costs 32 bits per weight, i.e. as much memory as the backbone. So the most

@@ -1,36 +1,34 @@
-"""What one task owns besides its head: mask scores (or packed masks), norms, or full weights.
+"""One task: its head, its own tensors (mask scores or packed masks, norms, weights), its
+description, and where it is in its lifecycle.
 
-Three methods share this container so that evaluation, export and storage treat them alike:
-- "piggyback": a mask per masked weight; real-valued scores while it can be trained, or packed
-  1-2 bit masks once loaded from a file (1 bit per weight in memory too).
-- "classifier": nothing but the head (the paper's classifier-only baseline).
-- "finetune": a full copy of every backbone tensor (the paper's fine-tuning baseline).
-Any of them may also own normalization tensors ("task norms").
+What the tensors are depends on the task's method (`piggyback.methods`): mask scores or packed
+masks ("piggyback"), nothing ("classifier"), or a full copy of the backbone ("finetune"). Any task
+may own normalization tensors ("task norms").
+
+Lifecycle (the guard is modelled on Avalanche's PackNet `State`): a task is TRAINABLE when it is
+added (real-valued scores, trainable head) and FROZEN once packed or loaded from a file (1 bit
+per weight, nothing trains). Training a frozen task is refused with what to do; continuing to
+train a saved task is the explicit `unfreeze` (scores rebuilt from its mask), never a silent
+head-only training.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError
-from piggyback.masks import (
-    BITS_PER_WEIGHT,
-    codes_to_mask,
-    init_scores,
-    mask_to_codes,
-    threshold_scores,
-)
+from piggyback.methods import TaskMethod, get_method
 from piggyback.packing import pack_codes, unpack_codes
 from piggyback.targets import MaskTarget
 
-Method = Literal["piggyback", "classifier", "finetune"]
-METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 
 
@@ -42,6 +40,63 @@ def check_task_name(name: str) -> str:
             "(it names a file and a module), not starting with '-'"
         )
     return name
+
+
+class TaskStateError(TaskError):
+    """An operation that the task's lifecycle state does not allow (e.g. training a frozen task)."""
+
+
+class TaskPhase(enum.Enum):
+    TRAINABLE = "trainable"
+    FROZEN = "frozen"
+
+
+_ALLOWED = {
+    TaskPhase.TRAINABLE: {TaskPhase.FROZEN},
+    TaskPhase.FROZEN: {TaskPhase.TRAINABLE},
+}
+
+
+@dataclass
+class TaskMetadata:
+    """What is known about a task besides its tensors; saved with it as JSON.
+
+    Attributes:
+        class_names: the name of each output class, in output order.
+        preprocess: how its images are prepared (`piggyback.preprocess` reads it).
+        training: how it was trained (method, epochs, seed, data, ...).
+        results: what it scored (best epoch, val/test top-1, density, ...).
+        extra: keys written by another piggyback version, kept so they survive a rewrite.
+    """
+
+    class_names: list[str] | None = None
+    preprocess: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    results: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _INFO_KEYS = ("preprocess", "training", "results")
+
+    def info_dict(self) -> dict[str, Any]:
+        """The file's "info" object (everything but the class names, which have their own key)."""
+        data = {k: v for k, v in asdict(self).items() if k in self._INFO_KEYS and v is not None}
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_file(cls, info: Any, class_names: Any) -> TaskMetadata:
+        info = dict(info) if isinstance(info, dict) else {}
+        known = {k: info.pop(k) for k in cls._INFO_KEYS if k in info}
+        names = [str(n) for n in class_names] if isinstance(class_names, list) else None
+        return cls(class_names=names, extra=info, **known)
+
+
+def head_outputs(head: nn.Module) -> int | None:
+    """The number of classes a head predicts (Linear out_features, conv out_channels)."""
+    for attribute in ("out_features", "out_channels", "num_classes"):
+        value = getattr(head, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 class TensorStore(nn.Module):
@@ -78,31 +133,105 @@ class TensorStore(nn.Module):
 
 
 class TaskState(nn.Module):
-    """The tensors of one task other than its head, plus its description."""
+    """One task: its head, its method's tensors, optional norms, its metadata and phase.
+
+    Args:
+        name: the task's name (letters, digits, '_' and '-'; it names a file).
+        method: a registered method name or `TaskMethod`.
+        head: the task's classifier head (owned: it moves and saves with the task).
+        metadata: class names, preprocessing, training record, results.
+        head_classes: classes of a newly built head, or None when the head is a copy of the
+            backbone's own (the file records this so the head can be rebuilt).
+    """
 
     def __init__(
         self,
         name: str,
-        method: Method,
+        method: str | TaskMethod,
         *,
-        num_classes: int | None,
-        class_names: list[str] | None = None,
+        head: nn.Module,
+        metadata: TaskMetadata | None = None,
+        head_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.task_name = check_task_name(name)
-        self.method = method
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names is not None else None
-        # JSON-serialisable facts saved with the task: preprocessing it was trained with, results.
-        self.info: dict = {}
-        # Feature prototypes for routing inputs to this task (`piggyback.routing`), or None.
-        self.routing = None
+        self.method: TaskMethod = get_method(method)
+        self.head = head
+        self.head_classes = head_classes
+        self.metadata = metadata or TaskMetadata()
+        self.class_names = self.metadata.class_names  # checked against the head
+        self.phase = TaskPhase.TRAINABLE
         self.scores = TensorStore()  # piggyback, trainable
-        self.register_buffer("packed_masks", None)  # piggyback, frozen (loaded from a file)
+        self.register_buffer("packed_masks", None)  # piggyback, frozen
         self.norms = TensorStore()  # task-specific normalization tensors
         self.weights = TensorStore()  # finetune: a copy of every backbone tensor
+        # Feature prototypes for routing inputs to this task (`piggyback.routing`), or None.
+        self.routing = None
+
+    # -- description ----------------------------------------------------------------------------
+
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes the task predicts: its head's outputs (the one definition)."""
+        return head_outputs(self.head)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.metadata.class_names
+
+    @class_names.setter
+    def class_names(self, names: list[str] | None) -> None:
+        count = self.num_classes
+        if names is not None and count is not None and len(names) != count:
+            raise ValueError(f"{len(names)} class names for {count} classes")
+        self.metadata.class_names = None if names is None else [str(n) for n in names]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def is_frozen(self) -> bool:
+        return self.phase is TaskPhase.FROZEN
+
+    def _move_to(self, phase: TaskPhase) -> None:
+        if phase not in _ALLOWED[self.phase]:
+            raise TaskStateError(
+                f"task {self.task_name!r} is already {self.phase.value}; "
+                f"it cannot become {phase.value} again"
+            )
+        self.phase = phase
+
+    def require_trainable(self) -> None:
+        """Refuse to train a frozen task, saying what to do instead."""
+        if self.is_frozen:
+            raise TaskStateError(
+                f"task {self.task_name!r} is frozen (loaded from a file or packed): nothing of it "
+                f"trains. To continue training it call model.unfreeze_task({self.task_name!r}) "
+                "(its scores are rebuilt from its mask), or add a new task"
+            )
+
+    def freeze(self, targets: list[MaskTarget], config: PiggybackConfig) -> None:
+        """TRAINABLE -> FROZEN: masks packed to bits (scores dropped), nothing requires grad."""
+        self._move_to(TaskPhase.FROZEN)
+        if self.method.uses_masks and self.packed_masks is None:
+            packed = self.packed(targets, config)
+            self.scores = TensorStore()
+            self.packed_masks = packed
+        self.requires_grad_(False)
+
+    def unfreeze(self, targets: list[MaskTarget], config: PiggybackConfig) -> None:
+        """FROZEN -> TRAINABLE: scores rebuilt from the packed masks, reproducing them exactly."""
+        self._move_to(TaskPhase.TRAINABLE)
+        if self.packed_masks is not None:
+            with torch.no_grad():
+                masks = self.masks(targets, config)
+            self.packed_masks = None
+            for target, mask in zip(targets, masks, strict=True):
+                scores = config.kind.scores_from_mask(mask, config)
+                self.scores.add(target.name, scores, parameter=True)
 
     # -- building -------------------------------------------------------------------------------
 
@@ -111,8 +240,8 @@ class TaskState(nn.Module):
     ) -> None:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for target in targets:
-            scores = init_scores(torch.Size(target.shape), config, generator).to(device)
-            self.scores.add(target.name, scores, parameter=True)
+            scores = config.kind.init_scores(torch.Size(target.shape), config, generator)
+            self.scores.add(target.name, scores.to(device), parameter=True)
 
     def set_packed_masks(self, packed: Tensor) -> None:
         self.packed_masks = packed
@@ -127,57 +256,51 @@ class TaskState(nn.Module):
 
     @property
     def is_packed(self) -> bool:
-        """A piggyback task loaded from a file: its masks are packed bits, it has no scores."""
-        return self.method == "piggyback" and self.packed_masks is not None
+        """Its masks are packed bits (no scores): frozen piggyback tasks."""
+        return self.method.uses_masks and self.packed_masks is not None
 
     @property
     def trains_norms(self) -> bool:
         """Whether its normalization layers run in training mode (own statistics)."""
-        return self.method == "finetune" or len(self.norms) > 0
+        return self.method.trains_norms or len(self.norms) > 0
 
     def masks(self, targets: list[MaskTarget], config: PiggybackConfig) -> list[Tensor]:
         """The mask of every target (float32); differentiable when the task has scores."""
+        kind = config.kind
         if self.is_packed:
-            bits = BITS_PER_WEIGHT[config.mask_kind]
             total = sum(t.numel for t in targets)
-            codes = unpack_codes(self.packed_masks, total, bits)
-            flat = codes_to_mask(codes, config.mask_kind, torch.float32)
+            codes = unpack_codes(self.packed_masks, total, kind.code_bits)
+            flat = kind.from_codes(codes, torch.float32)
             sizes = [t.numel for t in targets]
             return [m.view(t.shape) for m, t in zip(flat.split(sizes), targets, strict=True)]
-        return [
-            threshold_scores(self.scores[t.name], config.mask_kind, config.threshold)
-            for t in targets
-        ]
+        return [kind.mask(self.scores[t.name], config) for t in targets]
 
     def packed(self, targets: list[MaskTarget], config: PiggybackConfig) -> Tensor:
         """All masks as one flat bit-packed uint8 tensor, in target order (ceil(P*bits/8) bytes)."""
         if self.is_packed:
             return self.packed_masks
+        kind = config.kind
         with torch.no_grad():
             masks = self.masks(targets, config)
-            codes = torch.cat([mask_to_codes(m, config.mask_kind).reshape(-1) for m in masks])
-        return pack_codes(codes, BITS_PER_WEIGHT[config.mask_kind])
+            codes = torch.cat([kind.to_codes(m).reshape(-1) for m in masks])
+        return pack_codes(codes, kind.code_bits)
 
     def mask_inputs(self) -> list[Tensor]:
-        """The tensors the masks are computed from (to detect in-place changes)."""
+        """The tensors its swapped tensors are computed from (to detect in-place changes)."""
         if self.is_packed:
             return [self.packed_masks]
         return [t for _, t in self.scores.items()]
 
-    def swapped_names(self, targets: list[MaskTarget]) -> list[str]:
-        """Backbone tensor names this task replaces during its forward pass, in a fixed order."""
-        masked = [t.name for t in targets] if self.method == "piggyback" else []
-        return masked + self.norms.names + self.weights.names
-
     def own_tensors(self) -> list[Tensor]:
-        """The norm and full-weight tensors, in `swapped_names` order after the masked ones."""
-        return [t for _, t in self.norms.items()] + [t for _, t in self.weights.items()]
+        """The norm tensors, swapped in after the method's tensors."""
+        return [t for _, t in self.norms.items()]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable tensors by role; the head is added by the model."""
+        """Trainable tensors by role, in optimizer order: scores / backbone / head / norms."""
         groups = {
             "scores": list(self.scores.parameters()),
-            "norms": list(self.norms.parameters()),
             "backbone": list(self.weights.parameters()),
+            "head": list(self.head.parameters()),
+            "norms": list(self.norms.parameters()),
         }
         return {name: params for name, params in groups.items() if params}

@@ -22,12 +22,15 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from piggyback.errors import PiggybackError
-from piggyback.fingerprint import fingerprint
+from piggyback.fileio import content_checksum, read_checked_safetensors, write_atomic
 from piggyback.model import PiggybackModel
-from piggyback.serialization import check_backbone, read_checked_safetensors, write_atomic
+from piggyback.taskfile import check_backbone
 
 FORMAT = "piggyback-checkpoint"
-VERSION = 1
+#: 1: checksum over tensors, head saved apart ("head/"); 2: checksum over metadata too, the head
+#: saved with its task ("task/head.").
+VERSION = 2
+CHECKED_FROM = 2
 
 
 class CheckpointMismatchError(PiggybackError, ValueError):
@@ -88,7 +91,6 @@ def save_checkpoint(
     optim_meta, optim_tensors = _optimizer_parts(optimizer)
     tensors = {
         **_prefixed("task", model.task(task).state_dict()),
-        **_prefixed("head", model.heads.heads[task].state_dict()),
         **_prefixed("optim", {k[len("optim/") :]: v for k, v in optim_tensors.items()}),
     }
     best_meta = None
@@ -108,8 +110,8 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "config": config,
-        "checksum": fingerprint(tensors),
     }
+    meta["checksum"] = content_checksum(meta, tensors)
     metadata = {"piggyback": json.dumps(meta)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -120,7 +122,7 @@ Checkpoint = tuple[dict[str, Any], dict[str, Tensor]]
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Metadata and tensors of a checkpoint, refusing damaged or foreign files."""
-    return read_checked_safetensors(path, FORMAT, VERSION, "checkpoint")
+    return read_checked_safetensors(path, FORMAT, VERSION, "checkpoint", checked_from=CHECKED_FROM)
 
 
 def restore_checkpoint(
@@ -139,8 +141,9 @@ def restore_checkpoint(
     check_backbone(model, Path("the checkpoint"), meta.get("backbone_fingerprint"))
     task = meta["task"]
     try:
-        model.task(task).load_state_dict(_strip("task", tensors))
-        model.heads.heads[task].load_state_dict(_strip("head", tensors))
+        own = _strip("task", tensors)
+        own.update({f"head.{k}": v for k, v in _strip("head", tensors).items()})  # version 1
+        model.task(task).load_state_dict(own)
         # load_state_dict moves the moments to each parameter's device (Adam's step stays on CPU).
         optim = {f"optim/{k}": v for k, v in _strip("optim", tensors).items()}
         optimizer.load_state_dict(_optimizer_state(meta["optimizer"], optim))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from piggyback.errors import PiggybackError
-from piggyback.serialization import write_atomic
+from piggyback.fileio import write_atomic
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:

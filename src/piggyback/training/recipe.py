@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from piggyback.config import PiggybackConfig, strict_from_dict
-from piggyback.tasks import METHODS, check_task_name
+from piggyback.methods import get_method
+from piggyback.tasks import check_task_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,18 +82,16 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         """A copy with every method default filled in and every value checked."""
         cfg = dataclasses.replace(self)
-        if cfg.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
-        piggyback = cfg.method == "piggyback"
-        cfg.optimizer = cfg.optimizer or ("adam" if piggyback else "sgd")
+        method = get_method(cfg.method)
+        cfg.optimizer = cfg.optimizer or method.default_optimizer
         if cfg.lr is None:
-            cfg.lr = 1e-4 if piggyback else 1e-3
-        if piggyback and cfg.lr_scores is None:
+            cfg.lr = method.default_lr
+        if method.uses_masks and cfg.lr_scores is None:
             cfg.lr_scores = cfg.lr
         if cfg.lr_head is None:
             cfg.lr_head = cfg.lr
         if cfg.lr_decay_epochs is None:
-            cfg.lr_decay_epochs = [] if cfg.method == "classifier" else [max(1, cfg.epochs // 2)]
+            cfg.lr_decay_epochs = [max(1, cfg.epochs // 2)] if method.decays_lr else []
         if cfg.task is None:
             cfg.task = default_task_name(cfg.data)
         cfg.lr_decay_epochs = sorted(int(e) for e in cfg.lr_decay_epochs)
@@ -170,7 +169,7 @@ def merge_options(file_values: dict[str, Any], flags: dict[str, Any]) -> TrainCo
 
 def write_config(config: TrainConfig, path: Path) -> None:
     """The resolved config as YAML (atomically), so the run can be repeated exactly."""
-    from piggyback.serialization import write_atomic
+    from piggyback.fileio import write_atomic
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -26,18 +26,12 @@ from torch.utils.data import DataLoader
 from piggyback.backbones import Backbone, create_backbone
 from piggyback.data import DatasetSplits, ImageDataset, load_splits, resize_size, transforms_for
 from piggyback.errors import PiggybackError
+from piggyback.fileio import write_json_atomic
 from piggyback.model import PiggybackModel
+from piggyback.model_dir import CONFIG_NAME, read_model_config, task_file
 from piggyback.route_fit import fit_routing_profile, routing_batches
 from piggyback.routing import RoutingProfile
-from piggyback.serialization import (
-    CONFIG_NAME,
-    build_task_state,
-    read_model_config,
-    task_file,
-    task_metadata,
-    task_tensors,
-    write_json_atomic,
-)
+from piggyback.taskfile import build_task_state, task_metadata, task_tensors
 from piggyback.training.checkpoint import (
     Checkpoint,
     RunState,
@@ -416,8 +410,8 @@ class Run:
         meta, tensors = self.state.best_task
         model.delete_task(cfg.task)
         source = Path(f"{self.checkpoint} (best epoch)")
-        task_state, head = build_task_state(model, source, meta, tensors, cfg.task)
-        model.install_task(task_state, head)
+        task_state = build_task_state(model, source, meta, tensors, cfg.task)
+        model.install_task(task_state)
         model.set_task(cfg.task)
         self._place_model()
         val = self.evaluate(self.loaders.val)
@@ -431,18 +425,16 @@ class Run:
             "test_top5": test["top5"] if test else None,
             "density": density,
         }
-        task_state.info = {
-            "preprocess": self.preprocess,
-            "results": summary,
-            "training": {
-                "method": cfg.method,
-                "epochs": cfg.epochs,
-                "seed": cfg.seed,
-                "data": str(cfg.data),
-                "data_format": cfg.data_format,
-                "val_fraction": cfg.val_fraction,
-                "val_split": self.splits.val_origin,
-            },
+        task_state.metadata.preprocess = self.preprocess
+        task_state.metadata.results = summary
+        task_state.metadata.training = {
+            "method": cfg.method,
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "data": str(cfg.data),
+            "data_format": cfg.data_format,
+            "val_fraction": cfg.val_fraction,
+            "val_split": self.splits.val_origin,
         }
         if self.processes.is_main:
             task_state.routing = self.routing_profile()

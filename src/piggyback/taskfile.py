@@ -1,0 +1,291 @@
+"""The task file: one task (masks, head, norms, metadata) as one safetensors file.
+
+Layout: the task's method writes its tensors (piggyback: "masks", all masks as one flat uint8
+tensor, coded by the file's `codec`; finetune: "weight/<name>"), then the head ("head/<key>") and
+the task's normalization tensors ("norm/<name>"). JSON metadata under the safetensors metadata key
+"piggyback" holds the format version, the codec, the method and mask kind, the masked tensors'
+names and shapes, the class names, preprocessing and results, the backbone's fingerprint and a
+checksum over all of it (`fileio`). A file is checked completely before the model changes.
+
+Versions: 1 (checksum over tensors only, masks always bit-packed) is still read; 2 adds the
+checksum over the metadata and the `codec` field ("packed": ceil(P * bits / 8) bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import zip_longest
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import piggyback
+from piggyback.errors import FingerprintMismatchError, TaskError, TaskFileError
+from piggyback.fileio import META_KEY, content_checksum, read_checked_safetensors, write_atomic
+from piggyback.heads import new_head
+from piggyback.methods import FileTensors, get_method, method_names
+from piggyback.packing import packed_size, unpack_codes
+from piggyback.routing import read_routing_profile
+from piggyback.tasks import TaskMetadata, TaskState
+
+if TYPE_CHECKING:
+    from piggyback.model import PiggybackModel
+
+TASK_FORMAT = "piggyback-task"
+TASK_FORMAT_VERSION = 2
+CHECKED_FROM = 2  # the first version whose checksum covers the metadata
+DEFAULT_CODEC = "packed"
+CODECS = ("packed",)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def task_tensors(model: PiggybackModel, name: str) -> dict[str, Tensor]:
+    """The tensors of a task file, by file key (CPU, contiguous, no shared storage)."""
+    state = model.task(name)
+    tensors = dict(state.method.file_tensors(state, model))
+    tensors.update({f"head/{k}": v for k, v in state.head.state_dict().items()})
+    tensors.update({f"norm/{n}": v for n, v in state.norms.items()})
+    if state.routing is not None:
+        tensors.update(state.routing.file_tensors())
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def task_metadata(model: PiggybackModel, name: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    state = model.task(name)
+    config = model.config
+    masks = state.method.uses_masks
+    meta = {
+        "format": TASK_FORMAT,
+        "format_version": TASK_FORMAT_VERSION,
+        "piggyback_version": piggyback.__version__,
+        "codec": DEFAULT_CODEC,
+        "task": name,
+        "method": state.method_name,
+        "mask_kind": config.mask_kind if masks else None,
+        "bits_per_weight": config.kind.code_bits if masks else 0,
+        "threshold": config.threshold,
+        "layers": [[t.name, list(t.shape)] for t in model.targets],
+        "num_masked": model.num_masked,
+        "num_classes": state.head_classes,
+        "class_names": state.class_names,
+        "head": model.head_name,
+        "norms": list(state.norms.names),
+        "backbone_fingerprint": model.fingerprint,
+        "backbone_spec": model.backbone_spec,
+        "info": state.metadata.info_dict(),
+        "routing": state.routing.file_metadata() if state.routing is not None else None,
+    }
+    meta["checksum"] = content_checksum(meta, tensors)
+    return meta
+
+
+def save_task(model: PiggybackModel, name: str, path: Path) -> Path:
+    """Write task `name` of `model` to `path` atomically."""
+    tensors = task_tensors(model, name)
+    metadata = {META_KEY: json.dumps(task_metadata(model, name, tensors))}
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+# -- reading and checking -----------------------------------------------------------------------
+
+
+def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Metadata and tensors of a task file, checked (format, version, checksum)."""
+    meta, tensors = read_checked_safetensors(
+        path, TASK_FORMAT, TASK_FORMAT_VERSION, "task file", checked_from=CHECKED_FROM
+    )
+    codec = meta.get("codec", DEFAULT_CODEC)
+    if codec not in CODECS:
+        raise TaskFileError(
+            f"{path}: masks coded with {codec!r}, which this piggyback ({piggyback.__version__}) "
+            f"does not know (it reads {list(CODECS)}): upgrade piggyback"
+        )
+    return meta, tensors
+
+
+def check_backbone(model: PiggybackModel, source: Path, found: Any, spec: Any = None) -> None:
+    """Refuse `source` (a file or directory) made for other backbone weights than `model`'s."""
+    if found is None:
+        raise FingerprintMismatchError(
+            f"{source} records no backbone fingerprint, so it cannot be matched to this "
+            "backbone: it is damaged or was written by a development version of piggyback. "
+            "Make it again (for a training run: start over with --overwrite)."
+        )
+    if found != model.fingerprint:
+        raise FingerprintMismatchError(
+            f"{source} was made for backbone weights {found} (backbone {spec or 'unnamed'}), "
+            f"but this model's backbone is {model.fingerprint} (backbone "
+            f"{model.backbone_spec or 'unnamed'}). A mask only works on the exact weights it "
+            "was learned on: use that backbone."
+        )
+
+
+def _check_layers(model: PiggybackModel, path: Path, meta: dict[str, Any]) -> None:
+    expected = [[t.name, list(t.shape)] for t in model.targets]
+    found = meta.get("layers")
+    if found == expected:
+        return
+    if not isinstance(found, list) or not all(isinstance(x, list) and len(x) == 2 for x in found):
+        raise TaskFileError(f"{path}: 'layers' metadata missing or malformed")
+    counts = ""
+    if len(found) != len(expected):
+        counts = (
+            f"this model masks {len(expected)} tensors, the file has {len(found)} (made with "
+            "other layer_types / include / exclude settings?); "
+        )
+    pairs = zip_longest(expected, found, fillvalue=["<none>", []])
+    index, (want, got) = next((i, pair) for i, pair in enumerate(pairs) if pair[0] != pair[1])
+    raise TaskFileError(
+        f"{path}: {counts}masked tensor {index} differs: this model expects {want[0]!r} with "
+        f"shape {want[1]}, the file has {got[0]!r} with shape {got[1]}"
+    )
+
+
+def _check_mask_settings(model: PiggybackModel, path: Path, meta: dict[str, Any]) -> None:
+    config = model.config
+    if meta.get("mask_kind") != config.mask_kind or meta.get("threshold") != config.threshold:
+        raise TaskFileError(
+            f"{path}: the file holds {meta.get('mask_kind')} masks at threshold "
+            f"{meta.get('threshold')}, this model uses {config.mask_kind} at {config.threshold}"
+        )
+
+
+def _take(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_named_tensors(
+    path: Path, what: str, found: dict[str, Tensor], expected: dict[str, Tensor]
+) -> None:
+    """Same names, shapes and dtypes as the model's tensors."""
+    if set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))[:5]
+        extra = sorted(set(found) - set(expected))[:5]
+        raise TaskFileError(
+            f"{path}: {what} tensors do not match this model: missing {missing}, unexpected {extra}"
+        )
+    for name, tensor in found.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise TaskFileError(
+                f"{path}: {what} tensor {name!r}: this model expects {want.dtype} "
+                f"{tuple(want.shape)}, the file has {tensor.dtype} {tuple(tensor.shape)}"
+            )
+
+
+def _like(found: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """File tensors on the model's device, parameters marked as such to be trainable."""
+    out = {}
+    for name, tensor in found.items():
+        moved = tensor.to(reference[name].device)
+        out[name] = nn.Parameter(moved) if isinstance(reference[name], nn.Parameter) else moved
+    return out
+
+
+class FileReader(FileTensors):
+    """A checked task file's tensors, handed to its method to fill the task (see `methods`)."""
+
+    def __init__(self, model: PiggybackModel, path: Path, meta: dict, tensors: dict) -> None:
+        self.model, self.path, self.meta, self.tensors = model, path, meta, tensors
+
+    def masks(self) -> Tensor:
+        """The packed masks, after the mask settings, size and code checks."""
+        model, path = self.model, self.path
+        _check_mask_settings(model, path, self.meta)
+        kind = model.config.kind
+        expected = packed_size(model.num_masked, kind.code_bits)
+        masks = self.tensors.get("masks")
+        if masks is None or masks.dtype != torch.uint8 or masks.shape != (expected,):
+            found = None if masks is None else f"{masks.dtype} {tuple(masks.shape)}"
+            raise TaskFileError(
+                f"{path}: expected 'masks' as uint8 ({expected},) for {model.num_masked} weights "
+                f"at {kind.code_bits} bit(s) each, found {found}"
+            )
+        if kind.num_codes < 2**kind.code_bits:
+            codes = unpack_codes(masks, model.num_masked, kind.code_bits)
+            if int(codes.max()) >= kind.num_codes:
+                raise TaskFileError(
+                    f"{path}: {kind.name} masks hold an invalid code ({int(codes.max())})"
+                )
+        return masks
+
+    def backbone_like(self, prefix: str, names: list[str] | None) -> dict[str, Tensor]:
+        """The file's tensors under `prefix`, checked against the backbone's (all, or `names`)."""
+        backbone = self.model.backbone_tensors(exclude_head=True)
+        expected = backbone if names is None else {n: backbone[n] for n in names}
+        found = _take(self.tensors, prefix)
+        _check_named_tensors(self.path, prefix.rstrip("/"), found, expected)
+        return _like(found, backbone)
+
+
+def _build_head(model: PiggybackModel, path: Path, meta: dict, found: dict[str, Tensor]):
+    num_classes = meta.get("num_classes")
+    head_classes = num_classes if type(num_classes) is int and num_classes >= 1 else None
+    head = new_head(model.heads.original, head_classes, seed=0)
+    _check_named_tensors(path, "head", found, head.state_dict())
+    head.load_state_dict(found)
+    return head.to(model.device), head_classes
+
+
+def build_task_state(
+    model: PiggybackModel, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor], name: str
+) -> TaskState:
+    """A complete, frozen task from a file's contents, checked against `model` (not touched)."""
+    method_name = meta.get("method")
+    if method_name not in method_names():
+        raise TaskFileError(
+            f"{path}: unknown method {method_name!r}; expected one of {method_names()}"
+        )
+    method = get_method(method_name)
+    _check_layers(model, path, meta)
+    head, head_classes = _build_head(model, path, meta, _take(tensors, "head/"))
+    try:
+        metadata = TaskMetadata.from_file(meta.get("info"), meta.get("class_names"))
+        state = TaskState(name, method, head=head, metadata=metadata, head_classes=head_classes)
+    except ValueError as error:
+        raise TaskFileError(f"{path}: {error}") from error
+    reader = FileReader(model, path, meta, tensors)
+    method.load_file_tensors(state, model, reader)
+    if _take(tensors, "norm/"):
+        state.copy_tensors(state.norms, reader.backbone_like("norm/", model.norm_names))
+    state.routing = read_routing_profile(path, meta.get("routing"), tensors)
+    state.freeze(model.targets, model.config)
+    return state
+
+
+def load_task(
+    model: PiggybackModel,
+    path: Path,
+    *,
+    name: str | None = None,
+    check_fingerprint: bool = True,
+    expected_name: str | None = None,
+    replace: bool = False,
+) -> str:
+    """Check a task file completely, then add it to `model` (frozen); returns the task's name.
+
+    `expected_name`: the name the file must record (a model index entry's), so that an index
+    cannot make one task's file pass for another. `replace`: swap out a task of that name.
+    """
+    meta, tensors = read_task_file(path)
+    if check_fingerprint:
+        check_backbone(model, path, meta.get("backbone_fingerprint"), meta.get("backbone_spec"))
+    if expected_name is not None and meta.get("task") != expected_name:
+        raise TaskFileError(
+            f"{path} holds task {meta.get('task')!r}, but the model index lists it as "
+            f"{expected_name!r}: the index is damaged; repair or recreate the directory"
+        )
+    name = name or meta.get("task")
+    if not isinstance(name, str):
+        raise TaskFileError(f"{path}: no task name in the file; pass name=...")
+    if name in model.task_states and not replace:
+        raise TaskError(
+            f"task {name!r} already exists; delete_task({name!r}) or load it as another name"
+        )
+    model.install_task(build_task_state(model, path, meta, tensors, name), replace=replace)
+    return name
