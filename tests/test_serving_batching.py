@@ -154,3 +154,18 @@ def test_a_full_queue_refuses_new_work_with_overloaded_error():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(RecordingInfer(), max_batch_size=0)
+
+
+def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
+    infer = RecordingInfer()
+    on_the_way = [0]
+
+    async def one(batcher):
+        started = time.perf_counter()
+        await batcher.submit([0], ["a"], 1)
+        return time.perf_counter() - started
+
+    batcher_options = {"max_batch_size": 64, "max_wait_ms": 1000, "pending": lambda: on_the_way[0]}
+    assert run(infer, one, **batcher_options) < 0.5  # did not wait the 1 s
+    on_the_way[0] = 1  # a request still being read: worth waiting for (here in vain)
+    assert run(infer, one, **batcher_options) >= 0.9

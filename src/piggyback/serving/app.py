@@ -140,12 +140,14 @@ def create_app(
     settings = settings or ServeSettings()
     metrics = metrics or Metrics()
     batcher: DynamicBatcher | None = None
+    arriving = _Counter()  # predict requests being read and decoded, not yet submitted
     if submit is None:
         batcher = DynamicBatcher(
             _positional(engine),
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             on_batch=metrics.record_batch,
+            pending=arriving.value,
         )
         submit = batcher.submit
 
@@ -169,7 +171,7 @@ def create_app(
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     _add_error_handlers(app)
-    _add_routes(app, engine, settings, metrics, submit, batcher)
+    _add_routes(app, engine, settings, metrics, submit, batcher, arriving)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key, public=PUBLIC_PATHS)
@@ -188,6 +190,7 @@ def _add_routes(
     metrics: Metrics,
     submit: Submit,
     batcher: DynamicBatcher | None,
+    arriving: _Counter,
 ) -> None:
     known = set(engine.tasks)
 
@@ -224,30 +227,10 @@ def _add_routes(
         (base64), `task` (a name or a list), `top_k`. One result per image and task.
         """
         started = time.perf_counter()
-        data = await read_predict_request(request, default_top_k=settings.default_top_k)
-        unknown = [t for t in data.tasks if t != AUTO and t not in known]
-        if unknown:
-            raise RequestError(
-                400,
-                "unknown_task",
-                f"unknown task {', '.join(map(repr, unknown))}: this server has "
-                f"{sorted(known)} (or 'auto')",
-            )
-        count = len(data.images) * len(data.tasks)
-        if count > settings.max_batch_size:
-            raise RequestError(
-                413,
-                "too_many_predictions",
-                f"{len(data.images)} image(s) x {len(data.tasks)} task(s) = {count} predictions, "
-                f"more than the limit of {settings.max_batch_size} per request "
-                "(--max-batch-size): split the request",
-            )
-        images = [
-            await run_in_threadpool(decode_upload, raw, i, max_pixels=settings.max_image_pixels)
-            for i, raw in enumerate(data.images)
-        ]
-        pairs = [(i, task) for i in range(len(images)) for task in data.tasks]
-        answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], data.top_k)
+        with arriving:
+            images, tasks, top_k = await _read_and_decode(request, settings, known)
+        pairs = [(i, task) for i in range(len(images)) for task in tasks]
+        answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
         results = [
             _result(i, asked, answer) for (i, asked), answer in zip(pairs, answers, strict=True)
         ]
@@ -255,6 +238,51 @@ def _add_routes(
             [r["task"] for r in results], time.perf_counter() - started, len(images)
         )
         return {"results": results}
+
+
+async def _read_and_decode(
+    request: Request, settings: ServeSettings, known: set[str]
+) -> tuple[list[Any], list[str], int]:
+    """The decoded images, tasks and top_k of a predict request, checked against the limits."""
+    data = await read_predict_request(request, default_top_k=settings.default_top_k)
+    unknown = [t for t in data.tasks if t != AUTO and t not in known]
+    if unknown:
+        raise RequestError(
+            400,
+            "unknown_task",
+            f"unknown task {', '.join(map(repr, unknown))}: this server has "
+            f"{sorted(known)} (or 'auto')",
+        )
+    count = len(data.images) * len(data.tasks)
+    if count > settings.max_batch_size:
+        raise RequestError(
+            413,
+            "too_many_predictions",
+            f"{len(data.images)} image(s) x {len(data.tasks)} task(s) = {count} predictions, "
+            f"more than the limit of {settings.max_batch_size} per request "
+            "(--max-batch-size): split the request",
+        )
+    images = [
+        await run_in_threadpool(decode_upload, raw, i, max_pixels=settings.max_image_pixels)
+        for i, raw in enumerate(data.images)
+    ]
+    return images, data.tasks, data.top_k
+
+
+class _Counter:
+    """How many requests are inside `with counter:` (one event loop: no lock needed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def value(self) -> int:
+        return self.count
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
 
 
 def _task_info(description: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A backbone forward pass over 16 images costs far less than 16 passes over one (t
 read once, the matrix products are larger), so the server gathers what arrives within
 `max_wait_ms` of the first waiting request, up to `max_batch_size` images, whatever their tasks
 (`Predictor.predict` runs a mixed-task batch once per task). While a batch runs, the next one
-fills up, so under load batches grow by themselves and the wait is rarely paid.
+fills up, so under load batches grow by themselves. The wait is only paid when a request is on
+its way (`pending()`: accepted, still being read or decoded): a lone client never waits.
 
 Inference runs in one worker thread: the event loop keeps accepting, decoding and answering
 requests meanwhile, and one forward pass at a time gets all of torch's threads (two passes at
@@ -44,8 +45,10 @@ class _Item:
 class DynamicBatcher:
     """Queue of (image, task) items, run `max_batch_size` at a time by `infer` in a thread.
 
-    `on_batch(size, seconds)` is called after each batch (metrics). Start with `start()` inside
-    the running event loop; `stop()` finishes the batch in flight and fails what still waits.
+    `on_batch(size, seconds)` is called after each batch (metrics). `pending()`: how many
+    requests are on their way to `submit` (None: unknown, always wait up to max_wait). Start
+    with `start()` inside the running event loop; `stop()` finishes the batch in flight and
+    fails what still waits.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        pending: Callable[[], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(
@@ -67,6 +71,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue if max_queue is not None else 64 * max_batch_size
         self.on_batch = on_batch
+        self.pending = pending
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -127,8 +132,8 @@ class DynamicBatcher:
                 batch.append(queue.get_nowait())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            if remaining <= 0 or (self.pending is not None and self.pending() == 0):
+                break  # out of time, or nobody else on the way: waiting would only add latency
             try:
                 batch.append(await asyncio.wait_for(queue.get(), remaining))
             except asyncio.TimeoutError:  # not the builtin before Python 3.11
