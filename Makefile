@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data
 
-.PHONY: install test lint flowers
+.PHONY: install test lint flowers browser
 
 $(BIN)/piggyback: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,15 @@ $(BIN)/piggyback: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-install: $(BIN)/piggyback
+install: $(BIN)/piggyback browser
+
+# The page's browser test drives Debian's chromium through Playwright (Playwright's own browser
+# download is not reachable from CI). Installed when missing and we may (root); else a hint.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "chromium is missing: the browser test will skip (apt-get install chromium)"; fi; }
 
 test: install
 	$(BIN)/ruff check .

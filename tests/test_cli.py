@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from typer.testing import CliRunner
 from piggyback import PiggybackModel
 from piggyback.cli import app
 from piggyback.predict import eval_transform
+from piggyback.routing import NoRoutingProfileWarning
 
 runner = CliRunner()
 
@@ -45,7 +48,7 @@ def trained_dir(tiny_data, tiny_weights, tmp_path_factory):
 
 
 def test_every_command_has_help():
-    for command in ("train", "eval", "predict", "info", "export"):
+    for command in ("train", "eval", "predict", "info", "export", "serve"):
         assert "Usage" in invoke(command, "--help")
 
 
@@ -92,6 +95,53 @@ def test_predict_gives_class_names_with_probabilities(trained_dir, tiny_data):
         assert {t["class"] for t in row["top"]} <= {"class_0", "class_1", "class_2"}
     text = invoke("predict", trained_dir, next(folder.iterdir()), "--task", "colours")
     assert "class_" in text and "%" in text
+
+
+def copied_with_a_second_task(trained_dir, tmp_path) -> Path:
+    """The trained model directory with task 'colours' also loaded as 'copy' (no prototypes)."""
+    directory = Path(shutil.copytree(trained_dir, tmp_path / "model"))
+    model = PiggybackModel.from_pretrained(directory)
+    model.load_task(directory / "tasks" / "colours.safetensors", "copy")
+    model.task("copy").routing = None
+    model.save_pretrained(directory, tasks=["copy"])
+    return directory
+
+
+def test_predict_routes_with_auto_and_answers_with_several_tasks(trained_dir, tiny_data, tmp_path):
+    folder = tiny_data / "test" / "class_0"
+    rows = json.loads(invoke("predict", trained_dir, folder, "--task", "auto", "--json"))
+    assert len(rows) == 3
+    for row in rows:  # one task, with prototypes from training
+        assert row["task"] == "colours" and row["routed_by"] == "prototypes"
+        assert row["confidence"] == 1.0 and row["path"].startswith(str(folder))
+    directory = copied_with_a_second_task(trained_dir, tmp_path)
+    args = ("predict", directory, folder, "--task", "copy", "--task", "colours", "--json")
+    rows = json.loads(invoke(*args))
+    assert [row["task"] for row in rows] == ["copy", "colours"] * 3
+    assert [row["path"] for row in rows[::2]] == [row["path"] for row in rows[1::2]]
+    assert rows[0]["top"] == rows[1]["top"] and "confidence" not in rows[0]
+    text = invoke("predict", directory, folder, "--task", "copy", "--task", "colours")
+    assert text.count("[copy]") == 3 and text.count("[colours]") == 3
+    with pytest.warns(NoRoutingProfileWarning, match="copy"):
+        auto = json.loads(invoke("predict", directory, folder, "--task", "auto", "--json"))
+    assert {row["routed_by"] for row in auto} == {"entropy"}  # 'copy' has no prototypes
+
+
+def test_route_fit_adds_prototypes_to_a_saved_task(trained_dir, tiny_data, tmp_path):
+    from piggyback import Predictor
+
+    saved = Predictor.from_pretrained(trained_dir).task_description("colours")["routing"]
+    assert saved["images"] == 24 and saved["prototypes"] == 3  # training: 3 classes x 8 images
+    directory = copied_with_a_second_task(trained_dir, tmp_path)
+    text = invoke("route-fit", directory, "--task", "copy", "--data", tiny_data, "--workers", 0)
+    assert "3 routing prototypes from 24 images" in text
+    predictor = Predictor.from_pretrained(directory)
+    fitted = predictor.model.task("copy").routing
+    # The same images as training used; other batch sizes round differently (float16 storage).
+    trained = predictor.model.task("colours").routing.prototypes
+    torch.testing.assert_close(fitted.prototypes, trained, atol=1e-3, rtol=0)
+    rows = json.loads(invoke("predict", directory, tiny_data / "test", "--task", "auto", "--json"))
+    assert {row["routed_by"] for row in rows} == {"prototypes"}
 
 
 def test_info_describes_the_model_directory(trained_dir):

@@ -21,6 +21,7 @@ from piggyback.errors import (
     UnsupportedModelError,
 )
 from piggyback.model import PiggybackModel
+from piggyback.predictor import Predictor, TaskPrediction
 from piggyback.norms import register_norm_type
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "PiggybackConfig",
     "PiggybackError",
     "PiggybackModel",
+    "Predictor",
     "TaskError",
     "TaskFileError",
+    "TaskPrediction",
     "UnsupportedModelError",
     "__version__",
     "register_norm_type",

@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, repair, convert, export.
+"""The `piggyback` command: train, eval, predict, info, repair, convert, route-fit, export, serve.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -21,6 +21,7 @@ import typer
 from piggyback.cli_signature import options_signature, parsed, with_signature
 from piggyback.errors import PiggybackError
 from piggyback.training.recipe import TrainConfig
+from piggyback.serving.command import serve_command
 
 app = typer.Typer(
     name="piggyback",
@@ -176,26 +177,73 @@ def eval_command(
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    task: Annotated[str, Opt(help="Task whose classes to predict.")],
+    task: Annotated[
+        list[str],
+        Opt(
+            help="Task whose classes to predict; 'auto' picks each image's task; repeat for "
+            "several tasks' answers."
+        ),
+    ],
     top_k: Annotated[int, Opt(help="Classes per image.", min=1)] = 5,
     batch_size: Annotated[int, Opt(min=1, max=65_536)] = 32,
     device: Annotated[str, Opt()] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Top-k class names with probabilities for images, with a saved task."""
-    from piggyback.device import resolve_device
-    from piggyback.model import PiggybackModel
-    from piggyback.predict import predict as run_predict
+    """Top-k class names with probabilities for images, from saved tasks (or routed: auto)."""
+    from piggyback.predict import predict_files
+    from piggyback.predictor import AUTO, Predictor
 
-    model = PiggybackModel.from_pretrained(model_dir, tasks=[task])
-    target = resolve_device(device)
-    found = run_predict(model, task, images, top_k=top_k, batch_size=batch_size, device=target)
+    load = None if AUTO in task else list(dict.fromkeys(task))  # auto may pick any task
+    predictor = Predictor.from_pretrained(model_dir, device=device, tasks=load)
+    found = predict_files(predictor, images, task, top_k=top_k, batch_size=batch_size)
     if as_json:
-        typer.echo(json.dumps([p.to_dict() for p in found], indent=2))
+        typer.echo(json.dumps([{"path": str(p)} | a.to_dict() for p, a in found], indent=2))
         return
-    for prediction in found:
-        ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in prediction.top)
-        typer.echo(f"{prediction.path}: {ranked}")
+    for path, answer in found:
+        ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in answer.top)
+        if task == [answer.task]:  # one named task: the plain form
+            typer.echo(f"{path}: {ranked}")
+        elif answer.routed:
+            typer.echo(f"{path} [{answer.task}, routed {answer.confidence:.0%}]: {ranked}")
+        else:
+            typer.echo(f"{path} [{answer.task}]: {ranked}")
+
+
+@app.command("route-fit")
+@friendly_errors
+def route_fit(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    task: Annotated[str, Opt(help="Task to add routing prototypes to.")],
+    data: Annotated[str, Opt(help="Images of the task (same forms as for train; train split).")],
+    data_format: Annotated[str, Opt(help="Dataset layout (see train).")] = "auto",
+    max_images: Annotated[
+        int, Opt(help="Images used at most (stratified by class).", min=1)
+    ] = 2000,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 64,
+    workers: Annotated[int, Opt(min=0, max=1024)] = 2,
+    device: Annotated[str, Opt()] = "auto",
+) -> None:
+    """Add routing prototypes (what --task auto compares images with) to a saved task."""
+    from piggyback.model import PiggybackModel
+    from piggyback.route_fit import fit_routing_from_data
+    from piggyback.device import resolve_device
+
+    model = PiggybackModel.from_pretrained(model_dir, tasks=[task]).to(resolve_device(device))
+    profile = fit_routing_from_data(
+        model,
+        task,
+        data,
+        data_format=data_format,
+        max_images=max_images,
+        batch_size=batch_size,
+        workers=workers,
+    )
+    model.save_pretrained(model_dir, tasks=[task])
+    described = profile.describe()
+    typer.echo(
+        f"task {task!r}: {described['prototypes']} routing prototypes from {profile.images} "
+        f"images ({described['bytes'] / 1024:.1f} KiB) saved in {model_dir}"
+    )
 
 
 @app.command()
@@ -315,6 +363,9 @@ def _print_version(asked: bool) -> None:
 
         typer.echo(f"piggyback {__version__}")
         raise typer.Exit()
+
+
+app.command("serve")(friendly_errors(serve_command))
 
 
 @app.callback()

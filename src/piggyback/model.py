@@ -210,11 +210,18 @@ class PiggybackModel(nn.Module):
         self.install_task(state)
         return state
 
-    def install_task(self, state: TaskState) -> None:
-        """Register a fully built task (add_task, task files, checkpoints); nothing trains yet."""
-        if state.task_name in self.task_states:
-            raise TaskError(f"task {state.task_name!r} already exists")
-        self.task_states[state.task_name] = state
+    def install_task(self, state: TaskState, *, replace: bool = False) -> None:
+        """Register a fully built task (add_task, task files, checkpoints); nothing trains yet.
+
+        `replace=True` swaps out a task of the same name in one step: forward passes running in
+        other threads finish first, and none sees the old task afterwards.
+        """
+        with self._swap_lock:
+            if state.task_name in self.task_states:
+                if not replace:
+                    raise TaskError(f"task {state.task_name!r} already exists")
+                self.delete_task(state.task_name)
+            self.task_states[state.task_name] = state
         state.requires_grad_(False)
 
     def set_task(self, name: str) -> None:
@@ -233,14 +240,15 @@ class PiggybackModel(nn.Module):
         self._sync_norm_modes()
 
     def delete_task(self, name: str) -> None:
-        """Remove a task and its head; other tasks are untouched."""
+        """Remove a task and its head; other tasks are untouched (waits for running forwards)."""
         self.task(name)
-        del self.task_states[name]
-        if self._active == name:
-            self._active = None
-            for wrapper in self._head_wrappers():
-                wrapper.activate(None, None)
-        self._cache = None
+        with self._swap_lock:
+            del self.task_states[name]
+            if self._active == name:
+                self._active = None
+                for wrapper in self._head_wrappers():
+                    wrapper.activate(None, None)
+            self._cache = None
 
     def freeze_task(self, name: str | None = None) -> None:
         """TRAINABLE -> FROZEN: pack the task's masks to bits and stop it training (inference)."""
@@ -320,6 +328,27 @@ class PiggybackModel(nn.Module):
             heads_activated(self._head_wrappers(), state.task_name, state.head),
         ):
             yield self.backbone
+
+    @property
+    def swap_lock(self) -> threading.RLock:
+        """Held while tensors are swapped in and while tasks are added or removed; hold it to
+        run several steps against one unchanging set of tasks (re-entrant)."""
+        return self._swap_lock
+
+    def backbone_features(self, *args, **kwargs) -> Tensor:
+        """What the frozen backbone, with no task applied, hands to its head (pooled features).
+
+        Task routing compares these with each task's prototypes (`piggyback.routing`). A feature
+        map (before a convolutional head) is averaged over its spatial positions.
+        """
+        with self._swap_lock:
+            heads = self.heads
+            self.backbone.set_submodule(self.head_name, nn.Identity())
+            try:
+                features = self.backbone(*args, **kwargs)
+            finally:
+                self.backbone.set_submodule(self.head_name, heads)
+        return features.flatten(2).mean(2) if features.dim() > 2 else features
 
     def task_tensors(self, task: str | None = None) -> list[Tensor]:
         """The tensors a task puts into the backbone (W * mask, norms), computed without a graph."""
@@ -488,11 +517,19 @@ class PiggybackModel(nn.Module):
         return taskfile.save_task(self, name, Path(path), codec=codec, head_dtype=head_dtype)
 
     def load_task(
-        self, path: str | Path, name: str | None = None, *, check_fingerprint: bool = True
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        check_fingerprint: bool = True,
+        replace: bool = False,
     ) -> str:
         """Add the task stored in `path` as `name` (default: its saved name), frozen; returns
-        the name. `unfreeze_task(name)` makes it trainable again."""
-        return taskfile.load_task(self, Path(path), name=name, check_fingerprint=check_fingerprint)
+        the name. `unfreeze_task(name)` makes it trainable again. `replace=True` replaces a task
+        of that name, once the file has been checked completely."""
+        return taskfile.load_task(
+            self, Path(path), name=name, check_fingerprint=check_fingerprint, replace=replace
+        )
 
     def save_pretrained(
         self,

@@ -24,6 +24,7 @@ from piggyback.preprocess import eval_transform, resolve_preprocess
 
 if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
+    from piggyback.predictor import Predictor, TaskPrediction
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,6 +32,7 @@ __all__ = [
     "collect_images",
     "eval_transform",
     "predict",
+    "predict_files",
     "resolve_preprocess",
 ]
 
@@ -149,3 +151,35 @@ def _class_names(names: list[str] | None, count: int, task: str) -> list[str]:
     if len(names) != count:
         raise TaskError(f"task {task!r} has {len(names)} class names for {count} outputs")
     return names
+
+
+# -- many tasks -------------------------------------------------------------------------------
+
+
+def predict_files(
+    predictor: Predictor,
+    paths: str | Path | Sequence[str | Path],
+    tasks: Sequence[str],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+) -> list[tuple[Path, TaskPrediction]]:
+    """`(file, answer)` for every image in `paths` and every entry of `tasks`, image by image.
+
+    `tasks` holds task names and/or "auto" (see `Predictor.predict`). Unreadable images are left
+    out with one UnreadableImageWarning, as in `predict`.
+    """
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+    files = collect_images(paths)
+    # transform=None: PIL images; the Predictor applies each task's own preprocessing.
+    dataset = ImageDataset([(p, i) for i, p in enumerate(files)])
+    answers: dict[int, list[TaskPrediction]] = {}
+    for start in range(0, len(dataset), batch_size):
+        images, indices = zip(
+            *(dataset[i] for i in range(start, start + batch_size) if i < len(dataset)), strict=True
+        )
+        found = predictor.predict_each(list(images), tasks, top_k=top_k)
+        for index, per_task in zip(indices, found, strict=True):
+            answers.setdefault(index, per_task)
+    return [(files[i], answer) for i in sorted(answers) for answer in answers[i]]

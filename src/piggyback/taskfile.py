@@ -34,6 +34,7 @@ from piggyback.heads import new_head
 from piggyback.mask_codecs import DEFAULT_MASK_CODEC, get_mask_codec, mask_codec_names
 from piggyback.methods import FileTensors, get_method, method_names
 from piggyback.packing import packed_size, unpack_codes
+from piggyback.routing import read_routing_profile
 from piggyback.tasks import TaskMetadata, TaskState
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ def task_tensors(
         coding = {"codec": used, "codec_params": params}
     tensors.update({f"head/{k}": v for k, v in state.head.state_dict().items()})
     tensors.update({f"norm/{n}": v for n, v in state.norms.items()})
+    if state.routing is not None:
+        tensors.update(state.routing.file_tensors())
     tensors = compact(tensors, head_dtype)
     coding["head_dtype"] = head_dtype
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, coding
@@ -146,6 +149,7 @@ def task_metadata(
         "backbone_fingerprint": model.fingerprint,
         "backbone_spec": model.backbone_spec,
         "info": state.metadata.info_dict(),
+        "routing": state.routing.file_metadata() if state.routing is not None else None,
     }
     meta["checksum"] = content_checksum(meta, tensors)
     return meta
@@ -365,6 +369,7 @@ def build_task_state(
     method.load_file_tensors(state, model, reader)
     if _take(tensors, "norm/"):
         state.copy_tensors(state.norms, reader.backbone_like("norm/", model.norm_names))
+    state.routing = read_routing_profile(path, meta.get("routing"), tensors)
     state.freeze(model.targets, model.config)
     return state
 
@@ -376,11 +381,12 @@ def load_task(
     name: str | None = None,
     check_fingerprint: bool = True,
     expected_name: str | None = None,
+    replace: bool = False,
 ) -> str:
     """Check a task file completely, then add it to `model` (frozen); returns the task's name.
 
     `expected_name`: the name the file must record (a model index entry's), so that an index
-    cannot make one task's file pass for another.
+    cannot make one task's file pass for another. `replace`: swap out a task of that name.
     """
     meta, tensors = read_task_file(path)
     if check_fingerprint:
@@ -393,9 +399,9 @@ def load_task(
     name = name or meta.get("task")
     if not isinstance(name, str):
         raise TaskFileError(f"{path}: no task name in the file; pass name=...")
-    if name in model.task_states:
+    if name in model.task_states and not replace:
         raise TaskError(
             f"task {name!r} already exists; delete_task({name!r}) or load it as another name"
         )
-    model.install_task(build_task_state(model, path, meta, tensors, name))
+    model.install_task(build_task_state(model, path, meta, tensors, name), replace=replace)
     return name

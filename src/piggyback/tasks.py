@@ -165,6 +165,8 @@ class TaskState(nn.Module):
         self.register_buffer("packed_masks", None)  # piggyback, frozen
         self.norms = TensorStore()  # task-specific normalization tensors
         self.weights = TensorStore()  # finetune: a copy of every backbone tensor
+        # Feature prototypes for routing inputs to this task (`piggyback.routing`), or None.
+        self.routing = None
 
     # -- description ----------------------------------------------------------------------------
 

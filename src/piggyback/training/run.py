@@ -27,6 +27,8 @@ from piggyback.evaluation import evaluate
 from piggyback.fileio import write_json_atomic
 from piggyback.model_dir import task_file
 from piggyback.preprocess import Preprocess
+from piggyback.route_fit import fit_routing_profile, routing_batches
+from piggyback.routing import RoutingProfile
 from piggyback.taskfile import build_task_state, task_metadata, task_tensors
 from piggyback.training.checkpoint import (
     Checkpoint,
@@ -331,6 +333,7 @@ class Run:
             "val_split": self.splits.val_origin,
         }
         if self.processes.is_main:
+            task_state.routing = self.routing_profile()
             model.save_pretrained(self.model_dir, tasks=[cfg.task], head_dtype=cfg.head_dtype)
             write_json_atomic(self.run_dir / "results.json", {**summary, "val": val, "test": test})
         self.processes.barrier()  # the files exist for every process once train() returns
@@ -340,6 +343,14 @@ class Run:
         )
         self.log(_summary_line(result))
         return result
+
+    def routing_profile(self) -> RoutingProfile:
+        """Prototypes for `tasks="auto"` from the training images (see piggyback.routing)."""
+        cfg = self.cfg
+        batches = routing_batches(
+            self.splits.train, self.preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
+        )
+        return fit_routing_profile(self.model, batches, self.preprocess)
 
 
 def _summary_line(result: RunResult) -> str:

@@ -1,0 +1,100 @@
+"""The images a `Predictor` accepts, made into network inputs with each task's own preprocessing.
+
+A request may hold PIL images, file paths, encoded bytes (an upload) or tensors that the caller
+has already preprocessed (CHW, or NCHW for several). Tasks of one model may have been trained at
+different image sizes or normalizations, and a routed request needs the same picture prepared
+for routing and then for the chosen task, so each picture is decoded once and transformed once
+per distinct preprocessing (`PreparedImages`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from piggyback.errors import DataError
+from piggyback.images import decode_image
+
+#: One image: a PIL image, a path, the bytes of an encoded file, or a preprocessed CHW tensor.
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, Tensor]  # noqa: UP007 (runtime alias)
+Transform = Callable[[Image.Image], Tensor]
+
+
+def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One entry per image: an NCHW tensor is N images, a single image is a list of one."""
+    if isinstance(images, Tensor):
+        if images.dim() == 4:
+            return list(images.unbind(0))
+        if images.dim() == 3:
+            return [images]
+        raise DataError(
+            f"an image tensor must be CHW or NCHW, got shape {tuple(images.shape)}: "
+            "preprocess images first, or pass PIL images, paths or bytes"
+        )
+    if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray):
+        return [images]
+    return list(images)
+
+
+def decode(image: ImageInput) -> Image.Image | Tensor:
+    """A PIL RGB image (from a PIL image, a path or bytes; see `decode_image`), or a CHW tensor
+    as given (already preprocessed)."""
+    if isinstance(image, Tensor):
+        if image.dim() != 3:
+            raise DataError(
+                f"a preprocessed image must be a CHW tensor, got shape {tuple(image.shape)}"
+            )
+        return image
+    if isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
+        return decode_image(image)
+    raise DataError(
+        f"cannot read an image from a {type(image).__name__}: expected a PIL image, a path, "
+        "bytes or a preprocessed CHW tensor"
+    )
+
+
+def preprocess_key(preprocess: dict[str, Any]) -> str:
+    """A hashable, order-independent name of a preprocessing dict."""
+    return json.dumps(preprocess, sort_keys=True)
+
+
+class PreparedImages:
+    """The pictures of one request, decoded once, with each preprocessing applied at most once."""
+
+    def __init__(self, images: list[ImageInput], transform: Callable[[dict], Transform]) -> None:
+        self.pictures = [decode(image) for image in images]
+        self._transform = transform
+        self._done: dict[tuple[int, str], Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.pictures)
+
+    def batch(self, indices: Sequence[int], preprocess: dict[str, Any]) -> Tensor:
+        """The pictures at `indices` as one NCHW batch prepared with `preprocess`.
+
+        Tensors given by the caller are taken as already preprocessed and used unchanged.
+        """
+        key = preprocess_key(preprocess)
+        transform = None
+        tensors = []
+        for index in indices:
+            if (index, key) not in self._done:
+                picture = self.pictures[index]
+                if not isinstance(picture, Tensor):
+                    transform = transform or self._transform(preprocess)
+                    picture = transform(picture)
+                self._done[index, key] = picture
+            tensors.append(self._done[index, key])
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise DataError(
+                f"images for one task have different shapes {sorted(shapes)}: give preprocessed "
+                "tensors of one size per task, or PIL images / paths / bytes"
+            )
+        return torch.stack(tensors)

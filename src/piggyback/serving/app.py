@@ -1,0 +1,332 @@
+"""The HTTP API as a FastAPI app: one backbone answering every task, batched across clients.
+
+`create_app(predictor, settings)` is used as is by `piggyback serve` (uvicorn, one process, the
+`DynamicBatcher`) and by the Ray Serve deployment (`ray_app`), which passes its own `submit`
+built on Ray Serve's batching instead. Routes: the page (/), /health, /v1/tasks, /v1/predict,
+/metrics and the generated OpenAPI docs (/docs, /openapi.json).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from piggyback import __version__
+from piggyback.routing import AUTO
+from piggyback.serving.batching import DynamicBatcher, OverloadedError
+from piggyback.serving.inputs import RequestError, decode_upload, read_predict_request
+from piggyback.serving.metrics import Metrics
+from piggyback.serving.middleware import BearerAuth, BodyLimit, CountResponses, error_response
+from piggyback.serving.schemas import (
+    ErrorResponse,
+    Health,
+    PredictJSON,
+    PredictResponse,
+    TasksResponse,
+)
+
+__all__ = ["API_KEY_ENV", "ServeSettings", "create_app"]
+
+#: Environment variable read for the bearer token when no --api-key is given.
+API_KEY_ENV = "PIGGYBACK_API_KEY"
+
+
+class Engine(Protocol):
+    """What the API needs from the model: a `piggyback.Predictor` (or a stand-in)."""
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def task_description(self, name: str) -> dict[str, Any]: ...
+
+    def predict(self, images: list, tasks: list[str], *, top_k: int) -> list:
+        """One `TaskPrediction` per image; `tasks[i]` is a task name or "auto"."""
+        ...
+
+
+#: (images, tasks, top_k) -> answers, awaited; the DynamicBatcher's or Ray Serve's batching.
+Submit = Callable[[Sequence[Any], Sequence[str], int], Awaitable[list[Any]]]
+
+#: Paths answered without a token: the health check, and the page, a static shell that holds no
+#: data (it asks for the token and sends it with every API call).
+PUBLIC_PATHS = ("/health", "/")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of one server (the `piggyback serve` options)."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_upload_mb: float = 10.0
+    max_image_pixels: int = 40_000_000
+    default_top_k: int = 5
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        lowest = {"max_batch_size": 1, "max_wait_ms": 0, "max_image_pixels": 1, "default_top_k": 1}
+        for name, low in lowest.items():
+            if getattr(self, name) < low:
+                option = "--" + name.replace("_", "-")
+                raise ValueError(f"{option} must be >= {low}, got {getattr(self, name)}")
+        if self.max_upload_mb <= 0:
+            raise ValueError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+
+    @classmethod
+    def with_env_key(cls, **values: Any) -> ServeSettings:
+        """Settings whose api_key falls back to the PIGGYBACK_API_KEY environment variable."""
+        if not values.get("api_key"):
+            values["api_key"] = os.environ.get(API_KEY_ENV) or None
+        return cls(**values)
+
+
+@cache
+def page_html() -> str:
+    return files("piggyback.serving").joinpath("page/index.html").read_text(encoding="utf-8")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Bad input: not an image, truncated, empty, bad base64/JSON/top_k, unknown task.",
+        401: "Missing or wrong bearer token (when the server has one).",
+        413: "Upload, image (pixels) or number of predictions over the server's limits.",
+        415: "Neither multipart/form-data nor application/json.",
+        503: "Too many predictions waiting: retry later.",
+    }.items()
+}
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "task": {"type": "string", "default": AUTO},
+                        "top_k": {"type": "integer", "default": 5, "minimum": 1},
+                    },
+                }
+            },
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+        },
+    }
+}
+
+
+def create_app(
+    engine: Engine,
+    settings: ServeSettings | None = None,
+    *,
+    submit: Submit | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The API over `engine`; without `submit`, requests are batched by a DynamicBatcher."""
+    settings = settings or ServeSettings()
+    metrics = metrics or Metrics()
+    batcher: DynamicBatcher | None = None
+    arriving = _Counter()  # predict requests being read and decoded, not yet submitted
+    if submit is None:
+        batcher = DynamicBatcher(
+            _positional(engine),
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            on_batch=metrics.record_batch,
+            pending=arriving.value,
+        )
+        submit = batcher.submit
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if batcher is not None:
+            await batcher.start()
+        try:
+            yield
+        finally:
+            if batcher is not None:
+                await batcher.stop()
+
+    app = FastAPI(
+        title="piggyback",
+        version=__version__,
+        summary="One frozen backbone answering many image classification tasks.",
+        description="POST an image to /v1/predict with a task name, several, or 'auto'. "
+        "With an API key, send `Authorization: Bearer <key>` to every route but /health.",
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    _add_error_handlers(app)
+    _add_routes(app, engine, settings, metrics, submit, batcher, arriving)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key, public=PUBLIC_PATHS)
+    app.add_middleware(CountResponses, record=metrics.record_response)  # outermost: counts all
+    return app
+
+
+def _positional(engine: Engine) -> Callable[[list, list[str], int], list]:
+    return lambda images, tasks, top_k: engine.predict(images, tasks, top_k=top_k)
+
+
+def _add_routes(
+    app: FastAPI,
+    engine: Engine,
+    settings: ServeSettings,
+    metrics: Metrics,
+    submit: Submit,
+    batcher: DynamicBatcher | None,
+    arriving: _Counter,
+) -> None:
+    known = set(engine.tasks)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return page_html()
+
+    @app.get("/health", response_model=Health, tags=["server"])
+    def health() -> dict[str, Any]:
+        """Liveness: answers without a token."""
+        return {"status": "ok", "tasks": len(known)}
+
+    @app.get("/v1/tasks", response_model=TasksResponse, responses=_ERRORS, tags=["predict"])
+    def tasks() -> dict[str, Any]:
+        """The tasks served, with their classes and metadata (preprocessing, results)."""
+        return {"tasks": [_task_info(engine.task_description(name)) for name in engine.tasks]}
+
+    @app.get("/metrics", tags=["server"], responses=_ERRORS)
+    def metrics_route() -> dict[str, Any]:
+        """Requests by status, predict latency percentiles, batch sizes, per-task counts."""
+        return metrics.snapshot(queue_length=batcher.waiting if batcher else 0)
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_PREDICT_BODY,
+        tags=["predict"],
+    )
+    async def predict(request: Request) -> dict[str, Any]:
+        """Top-k classes of the image(s) for each task asked (a name, several, or 'auto').
+
+        Multipart: file field `image` (repeat for several), `task`, `top_k`. JSON: `image`
+        (base64), `task` (a name or a list), `top_k`. One result per image and task.
+        """
+        started = time.perf_counter()
+        with arriving:
+            images, tasks, top_k = await _read_and_decode(request, settings, known)
+        pairs = [(i, task) for i in range(len(images)) for task in tasks]
+        answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
+        results = [
+            _result(i, asked, answer) for (i, asked), answer in zip(pairs, answers, strict=True)
+        ]
+        metrics.record_prediction(
+            [r["task"] for r in results], time.perf_counter() - started, len(images)
+        )
+        return {"results": results}
+
+
+async def _read_and_decode(
+    request: Request, settings: ServeSettings, known: set[str]
+) -> tuple[list[Any], list[str], int]:
+    """The decoded images, tasks and top_k of a predict request, checked against the limits."""
+    data = await read_predict_request(request, default_top_k=settings.default_top_k)
+    unknown = [t for t in data.tasks if t != AUTO and t not in known]
+    if unknown:
+        raise RequestError(
+            400,
+            "unknown_task",
+            f"unknown task {', '.join(map(repr, unknown))}: this server has "
+            f"{sorted(known)} (or 'auto')",
+        )
+    count = len(data.images) * len(data.tasks)
+    if count > settings.max_batch_size:
+        raise RequestError(
+            413,
+            "too_many_predictions",
+            f"{len(data.images)} image(s) x {len(data.tasks)} task(s) = {count} predictions, "
+            f"more than the limit of {settings.max_batch_size} per request "
+            "(--max-batch-size): split the request",
+        )
+    images = [
+        await run_in_threadpool(decode_upload, raw, i, max_pixels=settings.max_image_pixels)
+        for i, raw in enumerate(data.images)
+    ]
+    return images, data.tasks, data.top_k
+
+
+class _Counter:
+    """How many requests are inside `with counter:` (one event loop: no lock needed)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def value(self) -> int:
+        return self.count
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+
+
+def _task_info(description: dict[str, Any]) -> dict[str, Any]:
+    """A Predictor's task description as the API's TaskInfo (name, classes, the rest metadata)."""
+    main = {"task", "num_classes", "classes"}
+    return {
+        "name": description["task"],
+        "num_classes": description["num_classes"],
+        "classes": description["classes"],
+        "metadata": {k: v for k, v in description.items() if k not in main},
+    }
+
+
+def _result(image: int, asked: str, answer: Any) -> dict[str, Any]:
+    return {
+        "image": image,
+        "task": answer.task,
+        "requested": asked,
+        "routing_confidence": answer.confidence if answer.routed else None,
+        "routed_by": getattr(answer, "routed_by", None) if answer.routed else None,
+        "predictions": [{"label": label, "probability": p} for label, p in answer.top],
+    }
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error": {"code", "message"}}; never a traceback to the client."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError):
+        return error_response(error.status, error.code, error.message)
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(_: Request, error: OverloadedError):
+        return error_response(503, "overloaded", str(error), **{"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError):
+        return error_response(400, "bad_request", str(error.errors()))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, error: Exception):
+        return error_response(500, "internal_error", f"prediction failed: {type(error).__name__}")

@@ -1,0 +1,170 @@
+"""Dynamic batching: requests from many clients answered by one forward pass per batch.
+
+A backbone forward pass over 16 images costs far less than 16 passes over one (the weights are
+read once, the matrix products are larger), so the server gathers what arrives within
+`max_wait_ms` of the first waiting request, up to `max_batch_size` images, whatever their tasks
+(`Predictor.predict` runs a mixed-task batch once per task). While a batch runs, the next one
+fills up, so under load batches grow by themselves. The wait is only paid when a request is on
+its way (`pending()`: accepted, still being read or decoded): a lone client never waits.
+
+Inference runs in one worker thread: the event loop keeps accepting, decoding and answering
+requests meanwhile, and one forward pass at a time gets all of torch's threads (two passes at
+once would only take turns on the model's weight-swap lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from piggyback.errors import PiggybackError
+
+__all__ = ["DynamicBatcher", "OverloadedError"]
+
+#: (images, tasks, top_k) -> one answer per image; see `piggyback.Predictor.predict`.
+BatchFunction = Callable[[list[Any], list[str], int], list[Any]]
+
+
+class OverloadedError(PiggybackError):
+    """More requests wait than the queue holds: the client should retry later (HTTP 503)."""
+
+
+@dataclass
+class _Item:
+    image: Any
+    task: str
+    top_k: int
+    future: asyncio.Future = field(repr=False)
+
+
+class DynamicBatcher:
+    """Queue of (image, task) items, run `max_batch_size` at a time by `infer` in a thread.
+
+    `on_batch(size, seconds)` is called after each batch (metrics). `pending()`: how many
+    requests are on their way to `submit` (None: unknown, always wait up to max_wait). Start
+    with `start()` inside the running event loop; `stop()` finishes the batch in flight and
+    fails what still waits.
+    """
+
+    def __init__(
+        self,
+        infer: BatchFunction,
+        *,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        max_queue: int | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
+        pending: Callable[[], int] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_wait_ms < 0:
+            raise ValueError(
+                f"max_batch_size must be >= 1 and max_wait_ms >= 0, "
+                f"got {max_batch_size} and {max_wait_ms}"
+            )
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue if max_queue is not None else 64 * max_batch_size
+        self.on_batch = on_batch
+        self.pending = pending
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-infer")
+        self._worker = asyncio.create_task(self._run_forever())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(OverloadedError("the server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._worker = self._queue = self._executor = None
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def submit(self, images: Sequence[Any], tasks: Sequence[str], top_k: int) -> list[Any]:
+        """Answers for `images[i]` with `tasks[i]`, once the batches holding them have run."""
+        if self._queue is None:
+            raise RuntimeError("DynamicBatcher.start() was not called")
+        if self._queue.qsize() + len(images) > self.max_queue:
+            raise OverloadedError(
+                f"{self._queue.qsize()} predictions are waiting (limit {self.max_queue}): "
+                "retry later"
+            )
+        loop = asyncio.get_running_loop()
+        items = [
+            _Item(image, task, top_k, loop.create_future())
+            for image, task in zip(images, tasks, strict=True)
+        ]
+        for item in items:
+            self._queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def _run_forever(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = await self._collect(self._queue)
+            await self._run(batch)
+
+    async def _collect(self, queue: asyncio.Queue[_Item]) -> list[_Item]:
+        """The first waiting item and what follows within max_wait, up to max_batch_size."""
+        batch = [await queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self.pending is not None and self.pending() == 0):
+                break  # out of time, or nobody else on the way: waiting would only add latency
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                break
+        return [item for item in batch if not item.future.done()]  # drop cancelled clients
+
+    async def _run(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        top_k = max(item.top_k for item in batch)
+        images = [item.image for item in batch]
+        tasks = [item.task for item in batch]
+        started = time.perf_counter()
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.infer, images, tasks, top_k
+            )
+        except Exception as error:  # reported to every waiting client, the loop goes on
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(batch), time.perf_counter() - started)
+        for item, answer in zip(batch, answers, strict=True):
+            if not item.future.done():
+                item.future.set_result(_truncated(answer, item.top_k))
+
+
+def _truncated(answer: Any, top_k: int) -> Any:
+    """The answer with its `top` cut to the item's own top_k (the batch ran the largest)."""
+    if len(answer.top) <= top_k:
+        return answer
+    return replace(answer, top=answer.top[:top_k])

@@ -1,0 +1,102 @@
+"""Running the API in one process with uvicorn: what `piggyback serve` does.
+
+Threads are sized on purpose. The worker thread that runs the batches gets `threads` intra-op
+threads and one inter-op thread; by default one core fewer than the process may use (at least
+one), because the remaining core is busy too: the event loop parses requests and the decoding
+threads decode images while a batch runs. Left alone, torch would spin a thread on every core
+and fight the decoding for them (on 2 cores, 2 OpenMP threads competing with other work slow
+each other down many times over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from piggyback.serving.app import ServeSettings, create_app
+
+__all__ = ["available_cores", "configure_threads", "default_threads", "running_server", "serve"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Torch threads of the inference worker unless told: one core fewer than available, >= 1."""
+    return max(1, available_cores() - 1)
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's thread pools once, before the first forward pass; returns the intra-op count."""
+    count = threads or default_threads()
+    torch.set_num_threads(count)
+    # Only possible before torch's first parallel work in this process; otherwise keep it.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return count
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    threads: int | None = None,
+    max_cached_tasks: int | None = 4,
+    settings: ServeSettings | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load the model directory and answer HTTP requests until interrupted."""
+    import uvicorn
+
+    from piggyback.predictor import Predictor
+
+    count = configure_threads(threads)
+    predictor = Predictor.from_pretrained(
+        model_dir, device=device, max_cached_tasks=max_cached_tasks
+    )
+    app = create_app(predictor, settings or ServeSettings.with_env_key())
+    print(
+        f"serving {len(predictor.tasks)} task(s) of {model_dir} on http://{host}:{port} "
+        f"({device}, {count} torch thread(s); API docs at /docs)",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+@contextlib.contextmanager
+def running_server(app, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread; yields its URL (`port=0`: a free port).
+
+    For tests, notebooks and benchmarks that need a real HTTP server in this process.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

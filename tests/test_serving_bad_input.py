@@ -1,0 +1,193 @@
+"""Bad input to /v1/predict: a 4xx with a JSON error saying what was wrong, the server keeps
+answering, and memory does not grow (decompression bombs are refused before decoding)."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import resource
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serving_fixtures import image_bytes, save_two_task_model
+
+from piggyback import Predictor
+from piggyback.serving.app import ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights, tmp_path_factory):
+    return Predictor.from_pretrained(
+        save_two_task_model(tmp_path_factory.mktemp("bad") / "m", tiny_weights)
+    )
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    settings = ServeSettings(max_batch_size=4, max_wait_ms=1, max_upload_mb=1.0)
+    with TestClient(create_app(engine, settings)) as c:
+        yield c
+
+
+def png_announcing(width: int, height: int) -> bytes:
+    """A tiny PNG whose header announces width x height pixels (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + (chunk(b"IEND", b""))
+    )
+
+
+def huge_real_png() -> bytes:
+    """A complete, valid 20000 x 20000 PNG (1-bit, all black: ~50 kB on disk, 1.2 GB as RGB)."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(client, data: bytes, name: str = "x.png", **fields):
+    return client.post("/v1/predict", files={"image": (name, data, "image/png")}, data=fields)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+GOOD = image_bytes(1)
+JPEG = image_bytes(2, (64, 64), "JPEG")
+HUGE = huge_real_png()
+
+#: name -> (send(client) -> response, expected status, expected error code, words in the message)
+CASES = {
+    "text_file": (lambda c: post(c, b"hello, not an image"), 400, "invalid_image", "not an image"),
+    "truncated_png": (lambda c: post(c, GOOD[: len(GOOD) // 2]), 400, "invalid_image", "truncated"),
+    "truncated_jpeg": (
+        lambda c: post(c, JPEG[: len(JPEG) // 2]),
+        400,
+        "invalid_image",
+        "truncated",
+    ),
+    "empty_file": (lambda c: post(c, b""), 400, "empty_image", "empty"),
+    "empty_json_body": (
+        lambda c: c.post("/v1/predict", headers={"content-type": "application/json"}),
+        400,
+        "empty_body",
+        "empty",
+    ),
+    "no_body_no_type": (
+        lambda c: c.post("/v1/predict"),
+        415,
+        "unsupported_media_type",
+        "multipart",
+    ),
+    "form_without_image": (
+        lambda c: c.post("/v1/predict", files={"other": ("a", b"x")}),
+        400,
+        "missing_image",
+        "'image'",
+    ),
+    "bomb_header": (
+        lambda c: post(c, png_announcing(200_000, 200_000)),
+        413,
+        "image_too_large",
+        "",
+    ),
+    "huge_20000_square": (lambda c: post(c, HUGE), 413, "image_too_large", "pixels"),
+    "unknown_task": (lambda c: post(c, GOOD, task="cats"), 400, "unknown_task", "'cats'"),
+    "too_many_predictions": (
+        lambda c: c.post(
+            "/v1/predict", json={"images": [b64(GOOD)] * 3, "task": ["colours", "digits"]}
+        ),
+        413,
+        "too_many_predictions",
+        "3 image(s) x 2 task(s)",
+    ),
+    "upload_over_limit": (
+        lambda c: post(c, GOOD + b"\0" * (2 * 2**20)),
+        413,
+        "upload_too_large",
+        "1 MB",
+    ),
+    "streamed_over_limit": (
+        lambda c: c.post(
+            "/v1/predict",
+            content=iter([b'{"image": "'] + [b"A" * 2**16] * 40 + [b'"}']),
+            headers={"content-type": "application/json"},
+        ),
+        413,
+        "upload_too_large",
+        "--max-upload-mb",
+    ),
+    "bad_base64": (lambda c: c.post("/v1/predict", json={"image": "@@@"}), 400, "bad_base64", ""),
+    "bad_json": (
+        lambda c: c.post(
+            "/v1/predict", content=b"{oops", headers={"content-type": "application/json"}
+        ),
+        400,
+        "bad_json",
+        "JSON",
+    ),
+    "bad_task": (
+        lambda c: c.post("/v1/predict", json={"image": b64(GOOD), "task": 5}),
+        400,
+        "bad_task",
+        "task name",
+    ),
+    "bad_top_k": (lambda c: post(c, GOOD, top_k="-2"), 400, "bad_top_k", "-2"),
+    "wrong_method": (lambda c: c.get("/v1/predict"), 405, "method_not_allowed", ""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(client, name):
+    send, status, code, words = CASES[name]
+    response = send(client)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert words in error["message"]
+    assert "Traceback" not in response.text
+    after = post(client, GOOD, task="colours")
+    assert after.status_code == 200 and after.json()["results"][0]["task"] == "colours"
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_memory_does_not_grow_over_many_bad_requests(client):
+    def round_of_bad_requests() -> None:
+        for name in sorted(CASES):
+            CASES[name][0](client)
+
+    for _ in range(3):  # warm-up: allocator pools, caches, lazily imported modules
+        round_of_bad_requests()
+    gc.collect()
+    before, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(15):  # 15 x 18 bad requests
+        round_of_bad_requests()
+    gc.collect()
+    grown = rss_bytes() - before
+    peak_grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown < 20 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MB"
+    # No request ever decoded the 20000 x 20000 image (1.2 GB as RGB): the peak barely moved.
+    assert peak_grown_kb < 100 * 1024, f"peak memory grew by {peak_grown_kb / 1024:.1f} MB"
+    assert post(client, GOOD, task="digits").status_code == 200

@@ -1,0 +1,171 @@
+"""The dynamic batcher: gathering concurrent requests, mixed tasks, the wait bound, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from piggyback.serving.batching import DynamicBatcher, OverloadedError
+
+
+@dataclass(frozen=True)
+class Echo:
+    task: str
+    top: list[tuple[str, float]]
+
+
+class RecordingInfer:
+    """Answers each image with its own value; records every batch and the thread it ran in."""
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
+        self.batches: list[tuple[list, list[str], int]] = []
+        self.threads: set[str] = set()
+        self.delay = delay
+        self.fail_on = fail_on
+
+    def __call__(self, images: list, tasks: list[str], top_k: int) -> list[Echo]:
+        self.batches.append((list(images), list(tasks), top_k))
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on in tasks:
+            raise RuntimeError("engine failed")
+        time.sleep(self.delay)
+        return [
+            Echo(t, [(f"{t}:{i}:{k}", 1.0 / (k + 1)) for k in range(top_k)])
+            for i, t in zip(images, tasks, strict=True)
+        ]
+
+
+async def _with_batcher(infer, coroutine, **options):
+    batcher = DynamicBatcher(infer, **options)
+    await batcher.start()
+    try:
+        return await coroutine(batcher)
+    finally:
+        await batcher.stop()
+
+
+def run(infer, coroutine, **options):
+    return asyncio.run(_with_batcher(infer, coroutine, **options))
+
+
+def test_concurrent_requests_are_gathered_into_batches_of_at_most_max_batch_size():
+    infer = RecordingInfer(delay=0.02)
+
+    async def clients(batcher):
+        return await asyncio.gather(*(batcher.submit([i], ["a"], 1) for i in range(10)))
+
+    answers = run(infer, clients, max_batch_size=4, max_wait_ms=50)
+    assert [a[0].top[0][0] for a in answers] == [f"a:{i}:0" for i in range(10)]
+    assert [len(images) for images, _, _ in infer.batches] == [4, 4, 2]
+
+
+def test_one_batch_holds_several_tasks_and_each_answer_goes_back_to_its_request():
+    infer = RecordingInfer()
+
+    async def clients(batcher):
+        return await asyncio.gather(
+            batcher.submit([0, 1], ["flowers", "signs"], 1), batcher.submit([2], ["auto"], 1)
+        )
+
+    first, second = run(infer, clients, max_batch_size=8, max_wait_ms=50)
+    assert infer.batches == [([0, 1, 2], ["flowers", "signs", "auto"], 1)]
+    assert [a.task for a in first] == ["flowers", "signs"] and second[0].task == "auto"
+    assert first[1].top == [("signs:1:0", 1.0)]
+
+
+def test_a_lone_request_waits_about_max_wait_not_for_a_full_batch():
+    infer = RecordingInfer()
+
+    async def one(batcher):
+        started = time.perf_counter()
+        await batcher.submit([0], ["a"], 1)
+        return time.perf_counter() - started
+
+    elapsed = run(infer, one, max_batch_size=64, max_wait_ms=30)
+    assert 0.025 <= elapsed < 2.0
+    assert len(infer.batches) == 1
+
+
+def test_each_request_gets_its_own_top_k_from_a_batch_run_with_the_largest():
+    infer = RecordingInfer()
+
+    async def clients(batcher):
+        return await asyncio.gather(batcher.submit([0], ["a"], 1), batcher.submit([1], ["a"], 3))
+
+    small, large = run(infer, clients, max_batch_size=8, max_wait_ms=50)
+    assert infer.batches[0][2] == 3
+    assert len(small[0].top) == 1 and len(large[0].top) == 3
+
+
+def test_inference_runs_in_a_worker_thread_so_the_event_loop_keeps_running():
+    infer = RecordingInfer(delay=0.3)
+
+    async def busy(batcher):
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await batcher.submit([0], ["a"], 1)
+        task.cancel()
+        return ticks
+
+    ticks = run(infer, busy, max_batch_size=1, max_wait_ms=0)
+    assert ticks >= 10  # the loop ticked while the 0.3 s batch ran
+    assert infer.threads and threading.main_thread().name not in infer.threads
+
+
+def test_a_failing_batch_fails_its_requests_and_later_batches_still_run():
+    infer = RecordingInfer(fail_on="broken")
+
+    async def clients(batcher):
+        with pytest.raises(RuntimeError, match="engine failed"):
+            await batcher.submit([0], ["broken"], 1)
+        return await batcher.submit([1], ["fine"], 1)
+
+    answer = run(infer, clients, max_batch_size=4, max_wait_ms=1)
+    assert answer[0].task == "fine"
+
+
+def test_a_full_queue_refuses_new_work_with_overloaded_error():
+    infer = RecordingInfer(delay=0.2)
+
+    async def flood(batcher):
+        first = asyncio.create_task(batcher.submit([0, 1], ["a", "a"], 1))
+        await asyncio.sleep(0.05)  # the first batch is running, the queue is empty again
+        waiting = asyncio.create_task(batcher.submit([2, 3, 4], ["a"] * 3, 1))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="retry later"):
+            await batcher.submit([5, 6], ["a", "a"], 1)
+        return await first, await waiting
+
+    first, waiting = run(infer, flood, max_batch_size=2, max_wait_ms=0, max_queue=4)
+    assert len(first) == 2 and len(waiting) == 3
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(RecordingInfer(), max_batch_size=0)
+
+
+def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
+    infer = RecordingInfer()
+    on_the_way = [0]
+
+    async def one(batcher):
+        started = time.perf_counter()
+        await batcher.submit([0], ["a"], 1)
+        return time.perf_counter() - started
+
+    batcher_options = {"max_batch_size": 64, "max_wait_ms": 1000, "pending": lambda: on_the_way[0]}
+    assert run(infer, one, **batcher_options) < 0.5  # did not wait the 1 s
+    on_the_way[0] = 1  # a request still being read: worth waiting for (here in vain)
+    assert run(infer, one, **batcher_options) >= 0.9
