@@ -21,8 +21,8 @@ from piggyback.errors import (
     UnsupportedModelError,
 )
 from piggyback.model import PiggybackModel
-from piggyback.predictor import Predictor, TaskPrediction
 from piggyback.norms import register_norm_type
+from piggyback.predictor import Predictor, TaskPrediction
 
 __all__ = [
     "FingerprintMismatchError",

@@ -20,8 +20,8 @@ import typer
 
 from piggyback.cli_signature import options_signature, parsed, with_signature
 from piggyback.errors import PiggybackError
-from piggyback.training.recipe import TrainConfig
 from piggyback.serving.command import serve_command
+from piggyback.training.recipe import TrainConfig
 
 app = typer.Typer(
     name="piggyback",
@@ -224,9 +224,9 @@ def route_fit(
     device: Annotated[str, Opt()] = "auto",
 ) -> None:
     """Add routing prototypes (what --task auto compares images with) to a saved task."""
+    from piggyback.device import resolve_device
     from piggyback.model import PiggybackModel
     from piggyback.route_fit import fit_routing_from_data
-    from piggyback.device import resolve_device
 
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task]).to(resolve_device(device))
     profile = fit_routing_from_data(
