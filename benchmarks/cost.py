@@ -39,9 +39,9 @@ from environment import environment
 
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
+from piggyback.device import Precision, resolve_device
 from piggyback.packing import packed_size
 from piggyback.runtime import tune_allocator
-from piggyback.training.loop import Precision
 
 METHODS = ("piggyback", "finetune", "classifier")
 NUM_CLASSES = 100
@@ -168,7 +168,7 @@ def peak_rss() -> int:
 
 def memory_child(args) -> None:
     """Runs in a subprocess: peak memory growth of a few training steps of one method."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     name = args.models[0]
     batch = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_only:
         memory_child(args)
         return {}
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     results = {}
     for name in args.models:
         print(f"== {name}", flush=True)

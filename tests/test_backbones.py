@@ -20,7 +20,6 @@ import torchvision
 from matplotlib import cbook
 from PIL import Image
 
-from piggyback import backbones
 from piggyback.backbones import (
     Backbone,
     create_backbone,
@@ -28,6 +27,7 @@ from piggyback.backbones import (
     list_backbones,
     read_state_dict,
 )
+from piggyback.backbones import lite0 as lite0_module
 from piggyback.errors import BackboneError
 
 FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flowers102"
@@ -66,7 +66,7 @@ def original_lite0() -> torch.nn.Module:
         "efficientnet_lite_pytorch", reason="dev dependency efficientnet-lite-pytorch not installed"
     )
     model = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
-    weights = torch.load(backbones._lite0_weights_path(), map_location="cpu", weights_only=True)
+    weights = torch.load(lite0_module.weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
@@ -163,7 +163,7 @@ def test_lite0_without_pretrained_weights_is_untrained(lite0: Backbone) -> None:
 
 
 def test_lite0_accepts_a_weights_file_in_lukemelas_naming(lite0: Backbone) -> None:
-    packaged = backbones._lite0_weights_path()
+    packaged = lite0_module.weights_path()
     loaded = create_backbone(weights=packaged)
     assert loaded.spec["weights"] == str(packaged.resolve())
     assert loaded.spec["pretrained"] is False
@@ -202,19 +202,19 @@ def _swap_blocks(sd: dict) -> None:
     ],
 )
 def test_lite0_conversion_checks_every_key(damage, message: str) -> None:
-    source = read_state_dict(backbones._lite0_weights_path())
+    source = read_state_dict(lite0_module.weights_path())
     damage(source)
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     with pytest.raises(BackboneError, match="Cannot map") as info:
-        backbones._convert_lukemelas_lite0(source, target)
+        lite0_module.convert_lukemelas(source, target)
     assert message in str(info.value)
 
 
 def test_lite0_conversion_checks_bn_eps() -> None:
-    source = read_state_dict(backbones._lite0_weights_path())
+    source = read_state_dict(lite0_module.weights_path())
     target = timm.create_model("tf_efficientnet_lite0", pretrained=False, bn_eps=1e-5)
     with pytest.raises(BackboneError, match="eps"):
-        backbones._convert_lukemelas_lite0(source, target)
+        lite0_module.convert_lukemelas(source, target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -190,6 +191,161 @@ def test_config_file_with_flag_override_and_clear_errors(tiny_data, tiny_weights
     bad = runner.invoke(
         app, ["train", "--config", str(config), "--method", "magic", "--output", str(output)]
     )
-    assert bad.exit_code == 2 and "unknown method 'magic'" in bad.output
+    assert bad.exit_code == 2 and "--method must be one of piggyback" in bad.output
     unknown = runner.invoke(app, ["eval", str(output), "--task", "nope", "--data", str(tiny_data)])
     assert unknown.exit_code == 2 and "nope" in unknown.output
+
+
+# -- failures: one line, exit status 2, nothing written -----------------------------------------
+
+
+def fail(*args: object, code: int = 2) -> str:
+    """Run a command that must fail with `code` and one `error:` line on stderr; that line."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def tiny_train_args(data, weights, output, *extra: object) -> list[object]:
+    return [
+        "train", "--data", data, "--output", output, "--backbone", "timm:test_efficientnet",
+        "--weights", weights, "--epochs", 1, "--batch-size", 8, "--image-size", 32,
+        "--workers", 0, "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def files_below(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_an_output_whose_parent_is_a_file_fails_before_any_work(tiny_data, trained_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    line = fail(*tiny_train_args(tiny_data, "unused", blocker / "model"))
+    assert f"{blocker} is a file, not a folder" in line
+    line = fail("eval", trained_dir, "--task", "colours", "--data", tiny_data,
+                "--output", blocker / "eval.json")  # fmt: skip
+    assert "is a file, not a folder" in line
+    line = fail("export", trained_dir, "--task", "colours", "--output", blocker / "export")
+    assert "is a file, not a folder" in line
+    assert files_below(tmp_path) == ["a-file"]
+
+
+def test_a_read_only_destination_is_found_before_eval_and_export_work(
+    trained_dir, tiny_data, tmp_path, monkeypatch
+):
+    import tempfile
+
+    import piggyback.evaluation
+    import piggyback.export
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before the destination was checked")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(piggyback.evaluation, "evaluate_task", never)
+    monkeypatch.setattr(piggyback.export, "export_task", never)
+    line = fail("eval", trained_dir, "--task", "colours", "--data", tiny_data,
+                "--output", tmp_path / "ro" / "eval.json")  # fmt: skip
+    assert "cannot write the result to" in line and "Read-only file system" in line
+    line = fail("export", trained_dir, "--task", "colours", "--output", tmp_path / "ro")
+    assert "cannot write the export to" in line and "Read-only file system" in line
+    assert files_below(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(
+    trained_dir, tiny_data, tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    out = tmp_path / "eval.json"
+    line = fail("eval", trained_dir, "--task", "colours", "--data", tiny_data,
+                "--output", out, "--no-progress")  # fmt: skip
+    assert line.startswith("error: No space left on device:") and "free some space" in line
+    assert files_below(tmp_path) == []  # neither eval.json nor its temporary file
+
+
+def test_failed_runs_leave_no_model_directory_and_no_run_folder(
+    tiny_data, tiny_weights, tmp_path, trained_dir
+):
+    import shutil
+
+    from conftest import write_image_folder
+
+    empty_class = write_image_folder(tmp_path / "empty-class", {"train": 2, "test": 2})
+    shutil.rmtree(empty_class / "train" / "class_1")
+    (empty_class / "train" / "class_1").mkdir()
+    unreadable = write_image_folder(tmp_path / "unreadable", {"train": 4, "test": 2})
+    (unreadable / "train" / "class_0" / "0.jpg").write_bytes(b"<html>not an image</html>")
+    bad_weights = tmp_path / "bad.safetensors"
+    bad_weights.write_bytes(b"not safetensors")
+    cases = {
+        "missing data": (tmp_path / "nowhere", tiny_weights, []),
+        "empty class folder": (empty_class, tiny_weights, []),
+        "bad weights": (tiny_data, bad_weights, []),
+        "--strict": (unreadable, tiny_weights, ["--strict"]),
+    }
+    for name, (data, weights, extra) in cases.items():
+        output = tmp_path / f"model-{name}"
+        fail(*tiny_train_args(data, weights, output, "--task", "t", *extra))
+        assert not output.exists(), name
+    existing = tmp_path / "existing"
+    shutil.copytree(trained_dir, existing)
+    before = files_below(existing)
+    fail(*tiny_train_args(tmp_path / "nowhere", tiny_weights, existing, "--task", "t2"))
+    assert files_below(existing) == before  # no runs/t2/config.yaml
+
+
+def test_a_non_ascii_dataset_folder_gives_a_valid_default_task_name(tiny_weights, tmp_path):
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "données", {"train": 3, "test": 2})
+    text = invoke(*tiny_train_args(data, tiny_weights, tmp_path / "m", "--max-train-batches", 1))
+    assert "task name 'donnees' (from the dataset's folder name" in text
+    assert (tmp_path / "m" / "tasks" / "donnees.safetensors").is_file()
+
+
+def test_a_backbone_mismatch_names_what_the_new_run_asked_for(
+    trained_dir, tiny_data, tiny_weights, tmp_path
+):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(123)
+    other = tmp_path / "other-weights.safetensors"
+    state = timm.create_model("test_efficientnet").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(other))
+    before = files_below(trained_dir)
+    line = fail(*tiny_train_args(tiny_data, other, trained_dir, "--task", "t2"))
+    assert f"'weights': '{tiny_weights}'" in line  # the directory's backbone
+    assert "this run asked for backbone {'name': 'test_efficientnet'" in line
+    assert f"'weights': '{other}'" in line  # what the new run asked for
+    assert files_below(trained_dir) == before
+
+
+def test_info_exits_non_zero_and_names_broken_or_missing_task_files(trained_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_dir, model)
+    task_file = model / "tasks" / "colours.safetensors"
+    task_file.write_bytes(task_file.read_bytes()[:100])  # truncated
+    line = fail("info", model, code=1)
+    assert "1 task(s)" in line and "colours (" in line and "not a readable safetensors" in line
+    task_file.unlink()
+    assert "colours (TaskFileError: no task file at" in fail("info", model, "--json", code=1)
+
+
+def test_version():
+    from piggyback import __version__
+
+    assert invoke("--version").strip() == f"piggyback {__version__}"

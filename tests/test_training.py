@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,6 +65,9 @@ def test_train_saves_the_best_validation_epoch_and_reports_test(tiny_data, tiny_
     model = PiggybackModel.from_pretrained(tmp_path / "model", tasks=["data"])
     metadata = model.task("data").metadata
     assert metadata.preprocess["image_size"] == 32
+    # the backbone's own data config: test_efficientnet's crop_pct 0.95 and bicubic resizing
+    assert metadata.preprocess["resize_size"] == 33
+    assert metadata.preprocess["interpolation"] == "bicubic"
     assert metadata.results["test_top1"] == result.test["top1"]
     assert model.task("data").class_names == ["class_0", "class_1", "class_2"]
 
@@ -95,25 +99,62 @@ def test_resume_after_interruption_matches_uninterrupted_run_bit_for_bit(
         assert torch.equal(state_a[key], state_b[key]), key
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
-    tiny_data, tiny_weights, tmp_path, monkeypatch
-):
+def poison_loss(monkeypatch, after_calls: int) -> None:
+    """Every training loss after the first `after_calls` cross-entropy calls becomes NaN."""
     real = loop_module.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, labels, **kwargs):
         calls["n"] += 1
         loss = real(logits, labels, **kwargs)
-        return loss * float("nan") if calls["n"] > 4 else loss  # 3 train batches per epoch
+        return loss * float("nan") if calls["n"] > after_calls else loss
 
     monkeypatch.setattr(loop_module.F, "cross_entropy", poisoned)
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint_and_resuming_with_a_lower_lr_works(
+    tiny_data, tiny_weights, tmp_path, monkeypatch
+):
+    poison_loss(monkeypatch, after_calls=4)  # epoch 1: 3 train batches + 1 val batch
     config = tiny_config(tiny_data, tiny_weights, tmp_path / "m")
-    with pytest.raises(
-        NonFiniteLossError, match=r"loss is nan.*last good checkpoint \(after epoch 1\)"
-    ):
+    with pytest.raises(NonFiniteLossError) as stopped:
         train(config, log=quiet)
+    message = str(stopped.value)
+    assert re.search(r"loss is nan.*last good checkpoint \(after epoch 1\)", message)
+    assert "--resume and a lower learning rate" in message and "--lr 0.001" in message
     meta, _ = read_checkpoint(tmp_path / "m/runs/data/checkpoint.safetensors")
     assert meta["epoch"] == 1
+
+    monkeypatch.undo()  # the cause of the NaN is fixed by the lower learning rate
+    lines: list[str] = []
+    lower = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=1e-3)
+    resumed = train(lower, resume=True, log=lines.append)
+    assert "learning rates changed on resume: scores 0.01 -> 0.001, head 0.01 -> 0.001" in lines
+    first, second, third = resumed.history
+    assert first["lr"] == {"scores": 1e-2, "head": 1e-2} and "lr_changed" not in first
+    # the decay reached at epoch 1 (3 // 2) still applies, to the new rates
+    assert second["lr"] == pytest.approx({"scores": 1e-4, "head": 1e-4})
+    assert second["lr_changed"] == {"scores": [1e-2, 1e-3], "head": [1e-2, 1e-3]}
+    assert "lr_changed" not in third
+    logged = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").open()]
+    assert logged[1]["lr_changed"] == second["lr_changed"]  # the change is in the run's metrics
+    assert yaml.safe_load((resumed.run_dir / "config.yaml").read_text())["lr"] == 1e-3
+
+
+def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint_and_training_again_works(
+    tiny_data, tiny_weights, tmp_path, monkeypatch
+):
+    poison_loss(monkeypatch, after_calls=0)
+    with pytest.raises(NonFiniteLossError) as stopped:
+        train(tiny_config(tiny_data, tiny_weights, tmp_path / "m"), log=quiet)
+    message = str(stopped.value)
+    assert "No epoch was completed, so there is no checkpoint: train again" in message
+    assert "after epoch 0" not in message and "--resume" not in message
+    assert not (tmp_path / "m/runs/data/checkpoint.safetensors").exists()
+
+    monkeypatch.undo()
+    again = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=1e-3, epochs=1)
+    assert train(again, log=quiet).task_file.is_file()  # as advised: no --overwrite needed
 
 
 def test_recipe_defaults_are_the_papers():
@@ -240,8 +281,8 @@ def test_resume_refuses_changed_settings(tiny_data, tiny_weights, tmp_path):
     config = tiny_config(tiny_data, tiny_weights, tmp_path / "m")
     with pytest.raises(KeyboardInterrupt):
         train(config, log=interrupt_after_first_epoch)
-    changed = tiny_config(tiny_data, tiny_weights, tmp_path / "m", lr=0.5)
-    with pytest.raises(RunError, match=r"other settings than the interrupted run.*'lr'"):
+    changed = tiny_config(tiny_data, tiny_weights, tmp_path / "m", seed=1)
+    with pytest.raises(RunError, match=r"other settings than the interrupted run.*'seed'"):
         train(changed, resume=True, log=quiet)
 
 

@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, info, export.
+"""The `piggyback` command: train, eval, predict, info, repair, export.
 
 Each command is a thin layer over the library: it parses options, calls one library function and
 prints its result. Library errors (PiggybackError) and bad options become one clear line on stderr
@@ -7,16 +7,20 @@ and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import json
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from piggyback.cli_signature import options_signature, parsed, with_signature
 from piggyback.errors import PiggybackError
+from piggyback.training.recipe import TrainConfig
 
 app = typer.Typer(
     name="piggyback",
@@ -32,130 +36,92 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: What to do about the file-system errors a user can fix.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space and run again (no file was left half-written)",
+    errno.EDQUOT: "free some space and run again (no file was left half-written)",
+    errno.EROFS: "choose an output on a writable file system",
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+}
+
+
+def _os_error_line(error: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` as 'No space left on device: x; <advice>'."""
+    where = f": {error.filename}" if error.filename else ""
+    text = f"{error.strerror}{where}" if error.strerror else str(error)
+    advice = _OS_ERROR_ADVICE.get(error.errno)
+    return f"{text}; {advice}" if advice else text
+
+
 def friendly_errors(command: Callable) -> Callable:
-    """Library errors and bad values as one readable line; Ctrl-C as a hint to resume."""
+    """Library errors, bad values and file-system failures as one readable line (exit 2);
+    Ctrl-C as a hint to resume."""
 
     @wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (PiggybackError, ValueError, FileNotFoundError) as error:
+        except (PiggybackError, ValueError) as error:
             _fail(str(error))
+        except OSError as error:
+            _fail(_os_error_line(error))
         except KeyboardInterrupt:
             _fail("interrupted; a training run continues from its last epoch with --resume", 130)
 
     return run
 
 
-def _decay_epochs(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise ValueError(f"--lr-decay-epochs takes comma-separated epochs, got {text!r}") from error
-
-
 Opt = typer.Option
 
-#: Help of the train options (kept apart so the signature stays readable).
-HELP = {
-    "data": "Dataset: ImageFolder root, list file/folder, or a paper dataset's official layout.",
-    "config": "YAML or TOML file of options; flags override it.",
-    "task": "Task name (default: the dataset folder's name).",
-    "output": "Model directory to create or add the task to (default: piggyback-model).",
-    "method": "piggyback | finetune | classifier (default: piggyback).",
-    "backbone": "efficientnet_lite0 (offline), timm:NAME or torchvision:NAME.",
-    "weights": "Local backbone state dict (.safetensors, or .pt/.pth loaded weights-only).",
-    "data_format": "auto | imagefolder | list | classfolders | cub | cars | flowers102 | "
-    "sketch | wikiart.",
-    "epochs": "(default: 30)",
-    "batch_size": "(default: 32)",
-    "image_size": "Crop size (default: 224); resize is 256/224 of it.",
-    "optimizer": "adam | sgd (default: adam for piggyback, sgd for the baselines).",
-    "lr": "Learning rate (default: 1e-4 piggyback, 1e-3 baselines).",
-    "lr_scores": "Learning rate of the mask scores (default: --lr).",
-    "lr_head": "Learning rate of the head (and task norms) (default: --lr).",
-    "momentum": "SGD momentum (default: 0.9).",
-    "weight_decay": "(default: 0)",
-    "lr_decay_epochs": "Epochs (comma-separated) where the lr is multiplied by --lr-decay-factor "
-    "(default: half the epochs; none for classifier).",
-    "lr_decay_factor": "(default: 0.1)",
-    "mask_kind": "binary | ternary (default: binary).",
-    "threshold": "(default: 5e-3)",
-    "init": "ones | uniform score initialisation (default: ones).",
-    "init_value": "(default: 1e-2)",
-    "task_norms": "Own normalization per task, trained (default: frozen).",
-    "val_fraction": "Share of train held out as val when the data has no val split (default: 0.1).",
-    "strict": "Fail on unreadable images instead of skipping them.",
-    "max_train_batches": "Stop each epoch after this many batches (quick runs).",
-    "seed": "(default: 0)",
-    "workers": "Data loading processes (default: 2).",
-    "device": "auto | cpu | cuda | cuda:N (default: auto).",
-    "precision": "32 | bf16 | 16-mixed (default: 32).",
-    "progress": "Progress bars.",
-    "channels_last": "Channels-last memory layout (faster convolutions) (default: on).",
-    "tensorboard": "Also log to TensorBoard.",
-    "download": "Download flowers102 / cars with torchvision when missing.",
-    "resume": "Continue the interrupted run of this task.",
-    "overwrite": "Train the task again, replacing it.",
-}
+#: `piggyback train`'s options: every TrainConfig field (help, flag and range declared there), the
+#: config file after --data, and the two ways to treat an earlier run of the task at the end.
+TRAIN_SIGNATURE = options_signature(
+    TrainConfig,
+    first=["data"],
+    before=[
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                Opt(
+                    help="YAML or TOML file of options (the keys are the flags' names); flags "
+                    "override it.",
+                    show_default=False,
+                    rich_help_panel="Run",
+                ),
+            ],
+        )
+    ],
+    after=[
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[bool, Opt(f"--{name}", help=text, rich_help_panel="Run")],
+        )
+        for name, text in (
+            ("resume", "Continue the interrupted run of this task (learning rates may change)."),
+            ("overwrite", "Train the task again, replacing it."),
+        )
+    ],
+)
 
 
 @app.command()
+@with_signature(TRAIN_SIGNATURE)
 @friendly_errors
 def train(
-    data: Annotated[str | None, Opt(help=HELP["data"])] = None,
-    config: Annotated[Path | None, Opt(help=HELP["config"])] = None,
-    task: Annotated[str | None, Opt(help=HELP["task"])] = None,
-    output: Annotated[str | None, Opt(help=HELP["output"])] = None,
-    method: Annotated[str | None, Opt(help=HELP["method"])] = None,
-    backbone: Annotated[str | None, Opt(help=HELP["backbone"])] = None,
-    weights: Annotated[str | None, Opt(help=HELP["weights"])] = None,
-    data_format: Annotated[str | None, Opt(help=HELP["data_format"])] = None,
-    epochs: Annotated[int | None, Opt(help=HELP["epochs"])] = None,
-    batch_size: Annotated[int | None, Opt(help=HELP["batch_size"])] = None,
-    image_size: Annotated[int | None, Opt(help=HELP["image_size"])] = None,
-    optimizer: Annotated[str | None, Opt(help=HELP["optimizer"])] = None,
-    lr: Annotated[float | None, Opt(help=HELP["lr"])] = None,
-    lr_scores: Annotated[float | None, Opt(help=HELP["lr_scores"])] = None,
-    lr_head: Annotated[float | None, Opt(help=HELP["lr_head"])] = None,
-    momentum: Annotated[float | None, Opt(help=HELP["momentum"])] = None,
-    weight_decay: Annotated[float | None, Opt(help=HELP["weight_decay"])] = None,
-    lr_decay_epochs: Annotated[str | None, Opt(help=HELP["lr_decay_epochs"])] = None,
-    lr_decay_factor: Annotated[float | None, Opt(help=HELP["lr_decay_factor"])] = None,
-    mask_kind: Annotated[str | None, Opt(help=HELP["mask_kind"])] = None,
-    threshold: Annotated[float | None, Opt(help=HELP["threshold"])] = None,
-    init: Annotated[str | None, Opt(help=HELP["init"])] = None,
-    init_value: Annotated[float | None, Opt(help=HELP["init_value"])] = None,
-    task_norms: Annotated[
-        bool | None, Opt("--task-norms/--frozen-norms", help=HELP["task_norms"])
-    ] = None,
-    val_fraction: Annotated[float | None, Opt(help=HELP["val_fraction"])] = None,
-    strict: Annotated[bool | None, Opt("--strict", help=HELP["strict"])] = None,
-    max_train_batches: Annotated[int | None, Opt(help=HELP["max_train_batches"])] = None,
-    seed: Annotated[int | None, Opt(help=HELP["seed"])] = None,
-    workers: Annotated[int | None, Opt(help=HELP["workers"])] = None,
-    device: Annotated[str | None, Opt(help=HELP["device"])] = None,
-    precision: Annotated[str | None, Opt(help=HELP["precision"])] = None,
-    progress: Annotated[bool | None, Opt("--progress/--no-progress", help=HELP["progress"])] = None,
-    channels_last: Annotated[
-        bool | None, Opt("--channels-last/--no-channels-last", help=HELP["channels_last"])
-    ] = None,
-    tensorboard: Annotated[bool | None, Opt("--tensorboard", help=HELP["tensorboard"])] = None,
-    download: Annotated[bool | None, Opt("--download", help=HELP["download"])] = None,
-    resume: Annotated[bool, Opt("--resume", help=HELP["resume"])] = False,
-    overwrite: Annotated[bool, Opt("--overwrite", help=HELP["overwrite"])] = False,
+    *, config: Path | None = None, resume: bool = False, overwrite: bool = False, **flags: Any
 ) -> None:
     """Learn one task on a dataset and save it into a model directory."""
-    options = dict(locals())  # every option, None where not given (first, before other names)
     from piggyback.training import merge_options, read_config_file
     from piggyback.training import train as run_training
 
-    flags = {k: v for k, v in options.items() if k not in ("config", "resume", "overwrite")}
-    flags["lr_decay_epochs"] = _decay_epochs(lr_decay_epochs)
     file_values = read_config_file(config) if config else {}
-    cfg = merge_options(file_values, flags)
+    cfg = merge_options(file_values, parsed(TrainConfig, flags), source=str(config))
     result = run_training(cfg, resume=resume, overwrite=overwrite, log=typer.echo)
     if result.test is not None:
         typer.echo(f"test top-1: {result.test['top1']:.2f}%")
@@ -172,8 +138,8 @@ def eval_command(
     output: Annotated[
         Path | None, Opt(help="JSON file (default: MODEL_DIR/runs/TASK/eval-SPLIT.json).")
     ] = None,
-    batch_size: Annotated[int, Opt()] = 64,
-    workers: Annotated[int, Opt()] = 2,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 64,
+    workers: Annotated[int, Opt(min=0, max=1024)] = 2,
     device: Annotated[str, Opt()] = "auto",
     precision: Annotated[str, Opt()] = "32",
     per_class: Annotated[
@@ -182,8 +148,10 @@ def eval_command(
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
     """Top-1, top-5 and per-class accuracy of a saved task on a dataset split (printed and JSON)."""
+    from piggyback.destination import check_writable_file
     from piggyback.evaluation import evaluate_task, format_evaluation
 
+    path = check_writable_file(output or model_dir / "runs" / task / f"eval-{split}.json")
     result = evaluate_task(
         model_dir,
         task,
@@ -196,7 +164,6 @@ def eval_command(
         precision=precision,
         progress=progress,
     )
-    path = output or model_dir / "runs" / task / f"eval-{split}.json"
     from piggyback.fileio import write_json_atomic
 
     write_json_atomic(path, result)
@@ -216,8 +183,8 @@ def predict(
             "several tasks' answers."
         ),
     ],
-    top_k: Annotated[int, Opt(help="Classes per image.")] = 5,
-    batch_size: Annotated[int, Opt()] = 32,
+    top_k: Annotated[int, Opt(help="Classes per image.", min=1)] = 5,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 32,
     device: Annotated[str, Opt()] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
@@ -248,15 +215,17 @@ def route_fit(
     task: Annotated[str, Opt(help="Task to add routing prototypes to.")],
     data: Annotated[str, Opt(help="Images of the task (same forms as for train; train split).")],
     data_format: Annotated[str, Opt(help="Dataset layout (see train).")] = "auto",
-    max_images: Annotated[int, Opt(help="Images used at most (stratified by class).")] = 2000,
-    batch_size: Annotated[int, Opt()] = 64,
-    workers: Annotated[int, Opt()] = 2,
+    max_images: Annotated[
+        int, Opt(help="Images used at most (stratified by class).", min=1)
+    ] = 2000,
+    batch_size: Annotated[int, Opt(min=1, max=65_536)] = 64,
+    workers: Annotated[int, Opt(min=0)] = 2,
     device: Annotated[str, Opt()] = "auto",
 ) -> None:
     """Add routing prototypes (what --task auto compares images with) to a saved task."""
+    from piggyback.device import resolve_device
     from piggyback.model import PiggybackModel
     from piggyback.route_fit import fit_routing_from_data
-    from piggyback.training.run import resolve_device
 
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task]).to(resolve_device(device))
     profile = fit_routing_from_data(
@@ -283,7 +252,11 @@ def info(
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Per-layer mask density.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Backbone, fingerprint, tasks, classes, bytes on disk and mask density of a model folder."""
+    """Backbone, fingerprint, tasks, classes, bytes on disk and mask density of a model folder.
+
+    Exits with status 1 when a task file is missing, damaged or made for other backbone weights
+    (each is named), so scripts can check a model directory with it.
+    """
     from piggyback.describe import describe_model_dir, format_description
 
     description = describe_model_dir(model_dir)
@@ -291,6 +264,34 @@ def info(
         typer.echo(json.dumps(description, indent=2, default=str))
     else:
         typer.echo(format_description(description, verbose=verbose))
+    problems = _task_problems(description["tasks"])
+    if problems:
+        _fail(f"{len(problems)} task(s) of {model_dir} cannot be used: {'; '.join(problems)}", 1)
+
+
+def _task_problems(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    """'name (why)' for each task that does not load: file missing or damaged, other backbone."""
+    problems = []
+    for name, task in tasks.items():
+        if task["error"]:
+            problems.append(f"{name} ({task['error']})")
+        elif not task["fingerprint_matches"]:
+            problems.append(f"{name} (made for other backbone weights than the directory's)")
+    return problems
+
+
+@app.command()
+@friendly_errors
+def repair(model_dir: Annotated[Path, typer.Argument(help="Model directory.")]) -> None:
+    """Add the task files that the directory's index misses (after a crash while saving)."""
+    from piggyback.repair import repair_index
+
+    added, refused = repair_index(model_dir)
+    for reason in refused:
+        typer.echo(f"not added: {reason}", err=True)
+    typer.echo(f"added to the index: {', '.join(added)}" if added else "nothing to add")
+    if refused:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -307,23 +308,38 @@ def export(
             help="onnx | torchscript | exported (torch.export .pt2); repeat for several.",
         ),
     ] = None,
-    image_size: Annotated[int | None, Opt(help="Example input size (default: the task's).")] = None,
+    image_size: Annotated[
+        int | None, Opt(help="Example input size (default: the task's).", min=8, max=4096)
+    ] = None,
 ) -> None:
     """A task merged into a plain model (no piggyback needed to run it), as ONNX / TorchScript."""
+    from piggyback.destination import check_writable_dir
     from piggyback.export import export_task
     from piggyback.model import PiggybackModel
 
+    destination = check_writable_dir(output or model_dir / "export", "the export")
     model = PiggybackModel.from_pretrained(model_dir, tasks=[task])
     formats = tuple(format or ["onnx"])
-    written = export_task(
-        model, task, output or model_dir / "export", formats=formats, image_size=image_size
-    )
+    written = export_task(model, task, destination, formats=formats, image_size=image_size)
     for kind, path in written.items():
         typer.echo(f"{kind}: {path}")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from piggyback import __version__
+
+        typer.echo(f"piggyback {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: Annotated[
+        bool,
+        Opt("--version", callback=_print_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
     """Adapt one frozen pretrained network to many tasks by learning a binary mask per task."""
     from piggyback.runtime import tune_allocator
 

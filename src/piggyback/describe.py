@@ -17,8 +17,9 @@ from torch import Tensor
 
 from piggyback.errors import TaskFileError
 from piggyback.masks import fraction_on, weighted_fraction_on
-from piggyback.model_dir import read_model_config
+from piggyback.model_dir import indexed_task_path, read_model_config
 from piggyback.packing import unpack_codes
+from piggyback.repair import unindexed_task_files
 from piggyback.taskfile import read_task_file
 
 __all__ = ["describe_model_dir", "format_description"]
@@ -36,7 +37,7 @@ def describe_model_dir(directory: str | Path) -> dict[str, Any]:
     config = read_model_config(directory)
     backbone = config["backbone"]
     tasks = {
-        name: _describe_task(directory / entry["file"], entry, backbone["fingerprint"])
+        name: _describe_task(directory, name, entry, backbone["fingerprint"])
         for name, entry in config["tasks"].items()
     }
     return {
@@ -54,14 +55,20 @@ def describe_model_dir(directory: str | Path) -> dict[str, Any]:
         ),
         "total_bytes": sum(t["bytes"] or 0 for t in tasks.values()),
         "tasks": tasks,
+        "unindexed": [str(path) for path in unindexed_task_files(directory, config)],
     }
 
 
-def _describe_task(path: Path, entry: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+def _describe_task(
+    directory: Path, name: str, entry: dict[str, Any], fingerprint: str
+) -> dict[str, Any]:
+    path = directory / entry["file"]
     size = path.stat().st_size if path.is_file() else None
     base = {"file": str(path), "bytes": size}
     try:
-        meta, tensors = read_task_file(path)
+        meta, tensors = read_task_file(indexed_task_path(directory, name, entry))
+        if meta.get("task") != name:
+            raise TaskFileError(f"the file holds task {meta.get('task')!r}, not {name!r}")
         layers = [(str(name), math.prod(shape)) for name, shape in meta["layers"]]
         density = _layer_density(meta, tensors, layers)
     except (TaskFileError, KeyError, TypeError, ValueError) as error:
@@ -112,6 +119,9 @@ def format_description(desc: dict[str, Any], *, verbose: bool = False) -> str:
     lines += ["  " + line for line in _table(headers, rows)] if rows else ["  (none)"]
     for name, task in desc["tasks"].items():
         lines += ["", *_task_details(name, task, verbose)]
+    if desc["unindexed"]:
+        lines += ["", "Task files the index does not list (`piggyback repair` adds them):"]
+        lines += [f"  {path}" for path in desc["unindexed"]]
     return "\n".join(lines)
 
 

@@ -35,6 +35,14 @@ class BackboneError(PiggybackError, ValueError):
     """A backbone name or weights file cannot be resolved or loaded."""
 
 
+class DeviceError(PiggybackError, ValueError):
+    """A `--device` that does not exist on this machine, or an unknown `--precision`."""
+
+
+class OutputError(PiggybackError, OSError):
+    """A destination that cannot be written (read-only, not a folder, no space left)."""
+
+
 class ImageError(DataError):
     """An image is missing, is no image, or is truncated or corrupted (see `piggyback.images`)."""
 

@@ -1,20 +1,77 @@
-"""Accuracy of a saved task on a dataset split (the `piggyback eval` command)."""
+"""Accuracy of a task on a dataset split: the metrics of one pass, and the `piggyback eval` command.
+
+`evaluate` is the one evaluation loop: training validates and tests with it, `piggyback eval`
+measures a saved task with it, so both report the same numbers for the same task and images.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from piggyback.data import ImageDataset, load_splits
+from piggyback.device import Precision, resolve_device
 from piggyback.errors import DataError
 from piggyback.model import PiggybackModel
-from piggyback.predict import eval_transform
-from piggyback.training.loop import Precision, evaluate
-from piggyback.training.run import resolve_device
+from piggyback.preprocess import eval_transform
 
 SPLITS = ("train", "val", "test")
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    precision: Precision,
+    *,
+    progress: bool = True,
+    description: str = "eval",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
+    """Top-1 / top-5 accuracy (%), mean loss and per-class top-1 accuracy over `loader`.
+
+    `reduce` sums the counts over processes when each evaluates a shard of the data.
+    """
+    model.eval()
+    device = precision.device
+    per_class_correct = torch.zeros(num_classes, dtype=torch.long)
+    per_class_total = torch.zeros(num_classes, dtype=torch.long)
+    top5_correct, total_loss = 0, 0.0
+    k = min(5, num_classes)
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+        with precision.autocast():
+            logits = model(images.to(device)).float().cpu()
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(k, dim=1).indices
+        hit1 = top[:, 0] == labels
+        top5_correct += int((top == labels[:, None]).any(1).sum())
+        per_class_total += torch.bincount(labels, minlength=num_classes)
+        per_class_correct += torch.bincount(labels[hit1], minlength=num_classes)
+    if reduce is not None:
+        counts = torch.cat([per_class_correct, per_class_total]).double()
+        extra = torch.tensor([top5_correct, total_loss], dtype=torch.float64)
+        counts, extra = reduce(counts.to(device)).cpu(), reduce(extra.to(device)).cpu()
+        per_class_correct, per_class_total = counts.long().split(num_classes)
+        top5_correct, total_loss = int(extra[0]), float(extra[1])
+    count = int(per_class_total.sum())
+    present = per_class_total > 0
+    per_class = torch.where(present, 100 * per_class_correct / per_class_total.clamp(min=1), 0)
+    return {
+        "top1": 100 * int(per_class_correct.sum()) / max(count, 1),
+        "top5": 100 * top5_correct / max(count, 1),
+        "loss": total_loss / max(count, 1),
+        "images": count,
+        "mean_per_class": float(per_class[present].mean()) if present.any() else 0.0,
+        "per_class": [float(a) if p else None for a, p in zip(per_class, present, strict=True)],
+    }
 
 
 def evaluate_task(

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 import piggyback
+from piggyback.destination import check_writable_dir
 from piggyback.errors import PiggybackError
 from piggyback.fileio import write_atomic, write_json_atomic
-from piggyback.predict import resolve_preprocess
+from piggyback.preprocess import resolve_preprocess
 
 if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
@@ -62,7 +63,7 @@ def export_task(
         image_size: the input side; default: the one the task was trained at.
         dynamic_batch: let the batch dimension vary (otherwise it is fixed to 1).
         mean, std: normalization for the sidecar, needed only when neither the task nor its
-            backbone records it (see `piggyback.predict.resolve_preprocess`).
+            backbone records it (see `piggyback.preprocess.task_preprocess`).
 
     Returns the path of every file written, by format, plus "json" for the sidecar. The model is
     left unchanged.
@@ -70,11 +71,11 @@ def export_task(
     names = _check_formats(formats)
     # resolve_preprocess refuses an unknown task, before anything is computed or written.
     preprocess = resolve_preprocess(model, task, image_size=image_size, mean=mean, std=std)
+    directory = check_writable_dir(directory, "the export")  # before minutes of exporting
     merged = model.merge(task).cpu().eval()
     example = _example_input(preprocess["image_size"], batch=2 if dynamic_batch else 1)
     with torch.no_grad():
         num_classes = int(merged(example).shape[-1])
-    directory = Path(directory)
     written: dict[str, Path] = {}
     files: dict[str, dict[str, Any]] = {}
     for fmt in names:

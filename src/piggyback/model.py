@@ -490,6 +490,7 @@ class PiggybackModel(nn.Module):
         """Rebuild a saved model: onto `backbone`, or the one its config describes."""
         directory = Path(directory)
         data = model_dir.read_model_config(directory)
+        config = model_dir.index_config(directory, data)
         spec = data["backbone"].get("spec") or {}
         if backbone is None:
             if not spec:
@@ -497,14 +498,14 @@ class PiggybackModel(nn.Module):
             from piggyback.backbones import create_backbone_from_spec  # imports timm: lazily
 
             backbone = create_backbone_from_spec(spec).model
-        model = cls(backbone, PiggybackConfig.from_dict(data["config"]), backbone_spec=spec)
+        model = cls(backbone, config, backbone_spec=spec)
         if check_fingerprint:
             taskfile.check_backbone(model, directory, data["backbone"]["fingerprint"], spec)
         names = list(data["tasks"]) if tasks is None else tasks
         for name in names:
             if name not in data["tasks"]:
                 raise TaskError(f"{directory} has no task {name!r}; it has {list(data['tasks'])}")
-            path = directory / data["tasks"][name]["file"]
+            path = model_dir.indexed_task_path(directory, name, data["tasks"][name])
             taskfile.load_task(
                 model, path, name=name, check_fingerprint=check_fingerprint, expected_name=name
             )

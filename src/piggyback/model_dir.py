@@ -9,10 +9,15 @@ JSON, so a damaged index is refused instead of read. The model itself is built i
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock, Timeout
+
 import piggyback
+from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskFileError
 from piggyback.fileio import check_format, content_checksum, write_json_atomic
 from piggyback.taskfile import check_backbone, save_task
@@ -25,6 +30,8 @@ MODEL_FORMAT_VERSION = 2
 CHECKED_FROM = 2  # the first version whose index carries a checksum
 CONFIG_NAME = "piggyback_config.json"
 TASKS_DIR = "tasks"
+LOCK_NAME = ".piggyback.lock"
+LOCK_TIMEOUT_S = 600  # a save takes seconds; minutes mean the other writer is stuck
 
 
 def task_file(directory: Path, name: str) -> Path:
@@ -32,19 +39,26 @@ def task_file(directory: Path, name: str) -> Path:
 
 
 def model_index(model: PiggybackModel, tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    index = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "piggyback_version": piggyback.__version__,
-        "config": model.config.to_dict(),
-        "backbone": {
-            "spec": model.backbone_spec,
-            "fingerprint": model.fingerprint,
-            "head": model.head_name,
-            "num_masked": model.num_masked,
-        },
-        "tasks": tasks,
-    }
+    return sealed(
+        {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "piggyback_version": piggyback.__version__,
+            "config": model.config.to_dict(),
+            "backbone": {
+                "spec": model.backbone_spec,
+                "fingerprint": model.fingerprint,
+                "head": model.head_name,
+                "num_masked": model.num_masked,
+            },
+            "tasks": tasks,
+        }
+    )
+
+
+def sealed(index: dict[str, Any]) -> dict[str, Any]:
+    """`index` at the current format version, with the checksum of its contents."""
+    index = {**index, "format_version": MODEL_FORMAT_VERSION}
     index["checksum"] = content_checksum(index)
     return index
 
@@ -80,12 +94,73 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     return data
 
 
+def indexed_task_path(directory: Path, name: str, entry: dict[str, Any]) -> Path:
+    """The file of index entry `name`, refused unless it lies inside `directory`.
+
+    An index is data, not code: an entry such as `../../other/tasks/x.safetensors`, an absolute
+    path or a symbolic link leading out of the directory would make a model load files it does
+    not own.
+    """
+    file = entry["file"]
+    where = f"{directory / CONFIG_NAME}: task {name!r} points to {file!r}"
+    relative = PurePosixPath(file.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(file).drive or ".." in relative.parts:
+        raise TaskFileError(
+            f"{where}, outside the model directory (absolute or with '..'); "
+            "task files must lie inside it"
+        )
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise TaskFileError(
+            f"{where}, a link out of the model directory; task files must lie inside it"
+        )
+    return path
+
+
+def index_config(directory: Path, index: dict[str, Any]) -> PiggybackConfig:
+    """The mask settings an index records, refused with a TaskFileError if invalid."""
+    try:
+        return PiggybackConfig.from_dict(index["config"])
+    except (TypeError, ValueError) as error:
+        raise TaskFileError(f"{directory / CONFIG_NAME}: invalid 'config' ({error})") from error
+
+
+@contextmanager
+def index_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s writer lock: one read-modify-write of its index at a time.
+
+    Without it, two processes adding tasks at once both read the old index and the second rename
+    drops the first one's entry. An OS lock (flock / LockFileEx, through `filelock`), released by
+    the system if its holder dies, so a killed writer never leaves the directory locked.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK_NAME, timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout as error:
+        raise TaskFileError(
+            f"another process has been writing to {directory} for {LOCK_TIMEOUT_S} s (it holds "
+            f"{directory / LOCK_NAME}): let it finish, or stop it"
+        ) from error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | None) -> Path:
     """Write task files, then the index that lists them; tasks saved earlier are kept.
 
-    Each file is written atomically, but the index is read, updated and rewritten: two processes
-    saving into one directory at the same moment can lose one of their index entries.
+    The whole update holds the directory's lock (`index_lock`), so processes saving tasks into one
+    directory at the same time all keep their index entries.
     """
+    with index_lock(directory):
+        return _save_pretrained_locked(model, directory, tasks)
+
+
+def _save_pretrained_locked(
+    model: PiggybackModel, directory: Path, tasks: list[str] | None
+) -> Path:
     names = model.tasks if tasks is None else tasks
     index: dict[str, dict[str, Any]] = {}
     if (directory / CONFIG_NAME).exists():
@@ -101,7 +176,7 @@ def save_pretrained(model: PiggybackModel, directory: Path, tasks: list[str] | N
         path = save_task(model, name, task_file(directory, name))
         state = model.task(name)
         index[name] = {
-            "file": str(path.relative_to(directory)),
+            "file": path.relative_to(directory).as_posix(),
             "method": state.method_name,
             "num_classes": state.num_classes,
         }

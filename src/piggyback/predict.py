@@ -1,9 +1,7 @@
 """Classifying image files with one task of a model.
 
-A task only works on images prepared the way it was trained, so the preprocessing comes from the
-task itself (`info["preprocess"]`, written by training) and, for tasks trained elsewhere, from the
-backbone's own data config. Only an unnamed backbone leaves nothing to look up: then the caller
-must say how to normalize rather than have us guess statistics that silently degrade accuracy.
+A task only works on images prepared the way it was trained, so the images go through the task's
+own preprocessing (`piggyback.preprocess`: what training recorded, else the backbone's config).
 
 Prediction runs the task merged into a plain copy of the backbone (`PiggybackModel.merge`), so the
 model passed in is left exactly as it was (active task, device, training mode).
@@ -19,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import v2
 
-from piggyback.data import ImageDataset, resize_size, transforms_for
-from piggyback.errors import BackboneError, DataError, TaskError
+from piggyback.data import ImageDataset
+from piggyback.errors import DataError, TaskError
+from piggyback.preprocess import eval_transform, resolve_preprocess
 
 if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
@@ -41,96 +39,6 @@ __all__ = [
 #: Suffixes (lower case) of the files taken from folders; the same list torchvision's ImageFolder
 #: uses, so that what trains from a folder also predicts from it.
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
-_REQUIRED = ("image_size", "mean", "std")
-
-
-# -- preprocessing ------------------------------------------------------------------------------
-
-
-def resolve_preprocess(
-    model: PiggybackModel,
-    task: str | None = None,
-    *,
-    image_size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """The evaluation preprocessing of a task, as the dict training stores in `info`.
-
-    Keys: image_size, resize_size, mean, std, interpolation. Arguments override what the task
-    recorded, which overrides the backbone's data config. A changed `image_size` keeps the recorded
-    resize / crop ratio, so the field of view stays the one the task was trained on.
-    """
-    state = model.task(task)
-    recorded = state.metadata.preprocess or _backbone_preprocess(model)
-    given = {"image_size": image_size, "mean": mean, "std": std}
-    found = {**recorded, **{k: v for k, v in given.items() if v is not None}}
-    missing = [key for key in _REQUIRED if found.get(key) is None]
-    if missing:
-        raise DataError(
-            f"task {state.task_name!r} records no preprocessing and its backbone is unnamed "
-            f"(no spec to look its data config up): pass {', '.join(missing)} explicitly "
-            "(the values the task was trained with)"
-        )
-    size = int(found["image_size"])
-    if recorded.get("resize_size") and recorded.get("image_size"):
-        resize = round(size * int(recorded["resize_size"]) / int(recorded["image_size"]))
-    else:
-        resize = resize_size(size)
-    return {
-        "image_size": size,
-        "resize_size": resize,
-        "mean": _channels("mean", found["mean"]),
-        "std": _channels("std", found["std"]),
-        "interpolation": str(found.get("interpolation") or "bilinear"),
-    }
-
-
-def _channels(name: str, values: Sequence[float]) -> list[float]:
-    values = [float(v) for v in values]
-    if len(values) != 3:
-        raise DataError(f"{name} needs one value per RGB channel (3), got {values}")
-    return values
-
-
-def _backbone_preprocess(model: PiggybackModel) -> dict[str, Any]:
-    """The backbone's data config, from its spec; {} for an unnamed backbone.
-
-    Rebuilt without weights (pretrained=False): the data config belongs to the architecture and
-    its pretrained tag, so this needs no download and no weights file.
-    """
-    spec = model.backbone_spec
-    if not spec:
-        return {}
-    from piggyback.backbones import create_backbone_from_spec
-
-    try:
-        config = create_backbone_from_spec({**spec, "pretrained": False, "weights": None})
-    except BackboneError as error:
-        raise DataError(
-            f"cannot look up the preprocessing of backbone {spec} ({error}); "
-            "pass image_size, mean and std explicitly"
-        ) from error
-    data = config.data_config
-    return {
-        "image_size": int(data["input_size"][-1]),
-        "mean": list(data["mean"]),
-        "std": list(data["std"]),
-        "interpolation": data["interpolation"],
-    }
-
-
-def eval_transform(
-    model: PiggybackModel,
-    task: str | None = None,
-    image_size: int | None = None,
-    *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> v2.Compose:
-    """PIL image -> normalized tensor, as the task is evaluated (see `resolve_preprocess`)."""
-    prep = resolve_preprocess(model, task, image_size=image_size, mean=mean, std=std)
-    return transforms_for(prep, train=False)
 
 
 # -- finding images -----------------------------------------------------------------------------

@@ -5,10 +5,7 @@ their official download layouts) into `DatasetSplits`; `ImageDataset` serves the
 split through the transforms of `build_transforms`.
 """
 
-from piggyback.data.dataset import ImageDataset, UnreadableImageWarning, load_rgb
-from piggyback.data.loading import DOWNLOADABLE, FORMATS, detect_format, load_splits
-from piggyback.data.splits import DatasetSplits, Sample, stratified_holdout
-from piggyback.data.transforms import build_transforms, resize_size, transforms_for
+from piggyback.lazy import lazy_exports
 
 __all__ = [
     "DOWNLOADABLE",
@@ -23,5 +20,14 @@ __all__ = [
     "load_splits",
     "resize_size",
     "stratified_holdout",
-    "transforms_for",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "piggyback.data.dataset": ("ImageDataset", "UnreadableImageWarning", "load_rgb"),
+        "piggyback.data.formats": ("DOWNLOADABLE", "FORMATS"),
+        "piggyback.data.loading": ("detect_format", "load_splits"),
+        "piggyback.data.splits": ("DatasetSplits", "Sample", "stratified_holdout"),
+        "piggyback.data.transforms": ("build_transforms", "resize_size"),
+    },
+)

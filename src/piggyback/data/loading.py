@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from piggyback.data.formats import DOWNLOADABLE, FORMATS
 from piggyback.data.listfiles import LIST_SUFFIXES, read_list_folder, read_lists
 from piggyback.data.sources import (
     is_image_name,
@@ -19,19 +20,6 @@ from piggyback.data.sources import (
 )
 from piggyback.data.splits import DatasetSplits, SourceSplits, complete_splits
 from piggyback.errors import DataError
-
-FORMATS = (
-    "auto",
-    "imagefolder",
-    "list",
-    "classfolders",
-    "cub",
-    "cars",
-    "flowers102",
-    "sketch",
-    "wikiart",
-)
-DOWNLOADABLE = ("flowers102", "cars")
 
 
 def load_splits(

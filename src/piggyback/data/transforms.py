@@ -1,8 +1,9 @@
-"""The paper's preprocessing, scaled to any input size.
+"""The paper's transforms, scaled to any input size.
 
 Piggyback (like its PackNet code base) trains on `Resize(256) + RandomResizedCrop(224) + flip` and
 evaluates on `Resize(256) + CenterCrop(224)`; for another `image_size` the 256/224 ratio is kept so
-a smaller backbone input sees the same field of view.
+a smaller backbone input sees the same field of view. The sizes and statistics a task uses come
+from `piggyback.preprocess.Preprocess` (the backbone's own crop fraction where it has one).
 """
 
 from __future__ import annotations
@@ -18,18 +19,6 @@ from piggyback.errors import DataError
 def resize_size(image_size: int) -> int:
     """Short side the image is resized to before cropping `image_size` (256 for 224)."""
     return round(image_size * 256 / 224)
-
-
-def transforms_for(preprocess: dict, *, train: bool) -> v2.Compose:
-    """The transforms of a task's recorded preprocessing (`info["preprocess"]`, see training)."""
-    return build_transforms(
-        preprocess["image_size"],
-        preprocess["mean"],
-        preprocess["std"],
-        train=train,
-        interpolation=preprocess.get("interpolation", "bilinear"),
-        resize=preprocess.get("resize_size"),
-    )
 
 
 def build_transforms(

@@ -1,8 +1,10 @@
-"""Training and evaluation: the paper's recipe, its baselines, checkpoints and model selection."""
+"""Training and evaluation: the paper's recipe, its baselines, checkpoints and model selection.
 
-from piggyback.training.loop import NonFiniteLossError, Precision, evaluate, train_one_epoch
-from piggyback.training.recipe import TrainConfig, merge_options, read_config_file
-from piggyback.training.run import Run, RunError, RunResult, train
+Attributes are imported on first use (`piggyback.lazy`), so that the command line can read the
+recipe's options without importing the whole training stack.
+"""
+
+from piggyback.lazy import lazy_exports
 
 __all__ = [
     "NonFiniteLossError",
@@ -17,3 +19,16 @@ __all__ = [
     "train",
     "train_one_epoch",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "piggyback.training.loop": (
+            "NonFiniteLossError",
+            "Precision",
+            "evaluate",
+            "train_one_epoch",
+        ),
+        "piggyback.training.recipe": ("TrainConfig", "merge_options", "read_config_file"),
+        "piggyback.training.run": ("Run", "RunError", "RunResult", "train"),
+    },
+)

@@ -49,3 +49,20 @@ def build_scheduler(optimizer: Optimizer, config: TrainConfig) -> LambdaLR:
         step_factor, milestones=tuple(config.lr_decay_epochs), factor=config.lr_decay_factor
     )
     return LambdaLR(optimizer, rule)
+
+
+def change_learning_rates(
+    optimizer: Optimizer, scheduler: LambdaLR, config: TrainConfig
+) -> dict[str, tuple[float, float]]:
+    """Give a restored optimizer and schedule `config`'s learning rates, keeping the schedule's
+    position (the decay already reached still applies). Returns {group: (old, new)} base rates
+    of the groups that changed; nothing changes when the rates are those of the checkpoint."""
+    changed = {}
+    for index, group in enumerate(optimizer.param_groups):
+        old, new = scheduler.base_lrs[index], group_lr(group["name"], config)
+        if old == new:
+            continue
+        changed[group["name"]] = (old, new)
+        scheduler.base_lrs[index] = group["initial_lr"] = new
+        group["lr"] = new * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    return changed

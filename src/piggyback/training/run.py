@@ -11,24 +11,22 @@ resumed from its last checkpoint ends bit-identical to an uninterrupted one (on 
 
 from __future__ import annotations
 
-import random
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from piggyback.backbones import Backbone, create_backbone
-from piggyback.data import DatasetSplits, ImageDataset, load_splits, resize_size, transforms_for
-from piggyback.errors import PiggybackError
+from piggyback.data import load_splits
+from piggyback.destination import check_writable_dir
+from piggyback.device import Precision, resolve_device
+from piggyback.evaluation import evaluate
 from piggyback.fileio import write_json_atomic
-from piggyback.model import PiggybackModel
-from piggyback.model_dir import CONFIG_NAME, read_model_config, task_file
+from piggyback.model_dir import task_file
+from piggyback.preprocess import Preprocess
 from piggyback.route_fit import fit_routing_profile, routing_batches
 from piggyback.routing import RoutingProfile
 from piggyback.taskfile import build_task_state, task_metadata, task_tensors
@@ -39,21 +37,24 @@ from piggyback.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from piggyback.training.distributed import EpochShuffle, Processes, Shard, start, stop
-from piggyback.training.loop import NonFiniteLossError, Precision, evaluate, train_one_epoch
+from piggyback.training.distributed import Processes, start, stop
+from piggyback.training.loop import NonFiniteLossError, train_one_epoch
 from piggyback.training.metrics_log import MetricsLog, format_epoch
-from piggyback.training.optim import build_optimizer, build_scheduler
-from piggyback.training.recipe import (
-    TrainConfig,
-    config_differences,
-    write_config,
+from piggyback.training.optim import build_optimizer, build_scheduler, change_learning_rates
+from piggyback.training.recipe import TrainConfig, write_config
+from piggyback.training.setup import (
+    CHECKPOINT,
+    RunError,
+    build_loaders,
+    check_can_start,
+    clear_run,
+    epoch_seed,
+    prepare_model,
+    resumable_checkpoint,
+    seed_everything,
 )
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
-class RunError(PiggybackError):
-    """A run cannot start or continue as asked (existing task, nothing to resume, ...)."""
+__all__ = ["CHECKPOINT", "Run", "RunError", "RunResult", "train"]
 
 
 @dataclass
@@ -72,139 +73,7 @@ class RunResult:
         return task_file(self.model_dir, self.task)
 
 
-# -- seeding and devices ------------------------------------------------------------------------
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit seed for (run seed, epoch)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-# -- model and data -----------------------------------------------------------------------------
-
-
-def preprocess_info(data_config: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The evaluation preprocessing a task is trained with (saved with the task)."""
-    return {
-        "image_size": image_size,
-        "resize_size": resize_size(image_size),
-        "mean": [float(v) for v in data_config["mean"]],
-        "std": [float(v) for v in data_config["std"]],
-        "interpolation": str(data_config.get("interpolation", "bilinear")),
-    }
-
-
-def prepare_model(cfg: TrainConfig, model_dir: Path) -> tuple[PiggybackModel, Backbone]:
-    """A new model directory's model, or the existing one's (same backbone, same mask settings)."""
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights)
-    if not (model_dir / CONFIG_NAME).exists():
-        model = PiggybackModel(backbone.model, cfg.model_config(), backbone_spec=backbone.spec)
-        return model, backbone
-    saved = read_model_config(model_dir)["config"]
-    wanted = cfg.model_config().to_dict()
-    different = {k: (saved[k], wanted[k]) for k in ("mask_kind", "threshold", "init", "init_value")}
-    different = {k: v for k, v in different.items() if v[0] != v[1]}
-    if different:
-        raise RunError(
-            f"{model_dir} holds tasks with other mask settings (saved, asked): {different}; "
-            "use the same settings or another --output"
-        )
-    model = PiggybackModel.from_pretrained(model_dir, backbone.model, tasks=[])
-    model.backbone_spec = backbone.spec
-    return model, backbone
-
-
-@dataclass
-class Loaders:
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader | None
-    shuffle: EpochShuffle
-
-
-def build_loaders(
-    splits: DatasetSplits, preprocess: dict[str, Any], cfg: TrainConfig, processes: Processes
-) -> Loaders:
-    common = {"num_workers": cfg.workers, "pin_memory": torch.cuda.is_available()}
-
-    def dataset(samples, *, train: bool) -> ImageDataset:
-        # Cheap reduced-scale JPEG decoding for training images only: evaluation decodes in full,
-        # exactly as `piggyback eval`, `predict` and exported models will see the images.
-        return ImageDataset(
-            samples,
-            transforms_for(preprocess, train=train),
-            class_names=splits.class_names,
-            strict=cfg.strict,
-            draft_size=preprocess["resize_size"] if train else None,
-        )
-
-    def evaluation(samples) -> DataLoader:
-        data = dataset(samples, train=False)
-        return DataLoader(data, 2 * cfg.batch_size, sampler=Shard(len(data), processes), **common)
-
-    train_set = dataset(splits.train, train=True)
-    shuffle = EpochShuffle(len(train_set), processes)
-    # A last batch of one image breaks batch norm in training mode: drop only that case.
-    drop_last = len(shuffle) % cfg.batch_size == 1
-    train = DataLoader(train_set, cfg.batch_size, sampler=shuffle, drop_last=drop_last, **common)
-    test = evaluation(splits.test) if splits.test else None
-    return Loaders(train, evaluation(splits.val), test, shuffle)
-
-
 # -- the run ------------------------------------------------------------------------------------
-
-
-def _resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> Checkpoint:
-    """The checkpoint to resume from; refused if its settings would change the run's result.
-
-    The settings are compared with those stored in the checkpoint itself, not with config.yaml,
-    so a checkpoint left by another run can never be continued by mistake.
-    """
-    if not (run_dir / CHECKPOINT).exists():
-        raise RunError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
-    meta, tensors = read_checkpoint(run_dir / CHECKPOINT)
-    changed = config_differences(TrainConfig.from_dict(meta["config"]), cfg)
-    if changed:
-        raise RunError(
-            f"--resume with other settings than the interrupted run (saved, asked): {changed}; "
-            "resume with the same options, or start a new run with --overwrite"
-        )
-    return meta, tensors
-
-
-def _check_can_start(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> None:
-    if task_file(model_dir, cfg.task).exists():
-        raise RunError(
-            f"task {cfg.task!r} already exists in {model_dir}; choose another --task, "
-            "or --overwrite to train it again"
-        )
-    if (run_dir / CHECKPOINT).exists():
-        raise RunError(
-            f"an unfinished run of task {cfg.task!r} is in {run_dir}; --resume to continue it, "
-            "or --overwrite to start over"
-        )
-
-
-def _clear_run(run_dir: Path) -> None:
-    """--overwrite: remove what a previous run of this task left (its whole run folder, logs and
-    TensorBoard events included), so nothing of it is resumed or mixed into the new run's logs."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def train(
@@ -216,23 +85,28 @@ def train(
 ) -> RunResult:
     """Learn one task on a dataset and add it to the model directory `config.output`.
 
-    `resume` continues the interrupted run of this task from its checkpoint; `overwrite` starts
-    the task afresh, replacing a finished or unfinished earlier run of it.
+    `resume` continues the interrupted run of this task from its checkpoint (with other learning
+    rates if asked); `overwrite` starts the task afresh, replacing a finished or unfinished
+    earlier run of it. Nothing is written before the settings, the destination, the data, the
+    backbone and the model directory have all been checked.
     """
     cfg = config.resolve()
     model_dir = Path(cfg.output)
     run_dir = model_dir / "runs" / cfg.task
+    check_writable_dir(model_dir, "the model")
     processes, device = start(resolve_device(cfg.device))
+    if config.task is None and processes.is_main:
+        log(f"task name {cfg.task!r} (from the dataset's folder name; --task to choose another)")
     try:
-        checkpoint = _resumable_checkpoint(cfg, run_dir) if resume else None
+        checkpoint = resumable_checkpoint(cfg, run_dir) if resume else None
         if checkpoint is None and not overwrite:
-            _check_can_start(cfg, model_dir, run_dir)
+            check_can_start(cfg, model_dir, run_dir)
+        run = Run(cfg, model_dir, run_dir, log, processes=processes, device=device)
         processes.barrier()  # every process has checked before the first one changes anything
         if processes.is_main:
             if overwrite and not resume:
-                _clear_run(run_dir)
+                clear_run(run_dir)
             write_config(cfg, run_dir / "config.yaml")
-        run = Run(cfg, model_dir, run_dir, log, processes=processes, device=device)
         if checkpoint is not None:
             run.resume(checkpoint)
         return run.fit()
@@ -281,7 +155,7 @@ class Run:
         )
         self.model.set_task(cfg.task)
         self._place_model()
-        self.preprocess = preprocess_info(backbone.data_config, cfg.image_size)
+        self.preprocess = Preprocess.from_data_config(backbone.data_config, cfg.image_size)
         self.loaders = build_loaders(self.splits, self.preprocess, cfg, processes)
         self.network = self.model  # what training calls: the model, or its DDP wrapper
         if processes.distributed:
@@ -291,6 +165,7 @@ class Run:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = self.precision.scaler()
         self.state = RunState()
+        self.lr_changes: dict[str, tuple[float, float]] = {}
         splits = self.splits
         where = f"{processes.world_size} processes" if processes.distributed else "1 process"
         self.log(
@@ -313,6 +188,11 @@ class Run:
         parts = (self.model, self.optimizer, self.scheduler, self.scaler)
         self.state = restore_checkpoint(meta, tensors, *parts)
         self.log(f"resumed after epoch {self.state.epoch} from {self.checkpoint}")
+        changed = change_learning_rates(self.optimizer, self.scheduler, self.cfg)
+        if changed:
+            self.lr_changes = changed  # recorded with the next epoch's metrics
+            shown = ", ".join(f"{name} {old:g} -> {new:g}" for name, (old, new) in changed.items())
+            self.log(f"learning rates changed on resume: {shown}")
 
     def fit(self) -> RunResult:
         main = self.processes.is_main
@@ -326,14 +206,26 @@ class Run:
                 metrics.append(self.state.history[-1])
                 self.log(format_epoch(self.state.history[-1], self.cfg.epochs))
         except NonFiniteLossError as error:
-            raise NonFiniteLossError(
-                f"{error}: training stopped. The last good checkpoint (after epoch "
-                f"{self.state.epoch}) is kept at {self.checkpoint}; --resume from it with a "
-                "lower learning rate, or use --precision 32"
-            ) from error
+            raise NonFiniteLossError(f"{error}: training stopped. {self._nan_advice()}") from error
         finally:
             metrics.close()
         return self.finish()
+
+    def _nan_advice(self) -> str:
+        """What to do after a NaN / infinite loss, true to what is on disk."""
+        lower = (
+            f"a lower learning rate (--lr, --lr-scores, --lr-head; e.g. --lr {self.cfg.lr / 10:g})"
+        )
+        precision = " or --precision 32" if self.cfg.precision != "32" else ""
+        if self.state.epoch == 0:
+            return (
+                "No epoch was completed, so there is no checkpoint: train again with "
+                f"{lower}{precision}"
+            )
+        return (
+            f"The last good checkpoint (after epoch {self.state.epoch}) is kept at "
+            f"{self.checkpoint}: continue from it with --resume and {lower}{precision}"
+        )
 
     def save_checkpoint(self) -> None:
         parts = (self.optimizer, self.scheduler, self.scaler)
@@ -397,6 +289,9 @@ class Run:
             "images_per_second": stats.images_per_second,
             "seconds": stats.seconds,
         }
+        if self.lr_changes:
+            record["lr_changed"] = {name: list(pair) for name, pair in self.lr_changes.items()}
+            self.lr_changes = {}
         state.history.append(record)
         state.epoch = epoch + 1
         if state.best is None or record["val_top1"] > state.best["val_top1"]:
@@ -425,7 +320,7 @@ class Run:
             "test_top5": test["top5"] if test else None,
             "density": density,
         }
-        task_state.metadata.preprocess = self.preprocess
+        task_state.metadata.preprocess = self.preprocess.to_dict()
         task_state.metadata.results = summary
         task_state.metadata.training = {
             "method": cfg.method,
@@ -451,10 +346,11 @@ class Run:
     def routing_profile(self) -> RoutingProfile:
         """Prototypes for `tasks="auto"` from the training images (see piggyback.routing)."""
         cfg = self.cfg
+        preprocess = self.preprocess.to_dict()
         batches = routing_batches(
-            self.splits.train, self.preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
+            self.splits.train, preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
         )
-        return fit_routing_profile(self.model, batches, self.preprocess)
+        return fit_routing_profile(self.model, batches, preprocess)
 
 
 def _summary_line(result: RunResult) -> str:
