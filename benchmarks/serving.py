@@ -312,6 +312,12 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def save_partial(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """What is measured so far, in the work folder: a long run that is stopped keeps it."""
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    (args.work_dir / "partial-results.json").write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -327,8 +333,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "timings": timings(name, directory, args),
         }
         print(json.dumps(results["models"][name]["timings"], indent=2), flush=True)
+        save_partial(results, args)
     if args.routing_model is not None or args.routing_datasets:
         results["routing_real"] = routing_on_real_data(args)
+        save_partial(results, args)
     table = report_markdown(results, args)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("memory_child", "model")}

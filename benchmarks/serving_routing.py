@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from piggyback import PiggybackModel, Predictor
 from piggyback.backbones import create_backbone
-from piggyback.data import ImageDataset, load_splits, transforms_for
+from piggyback.data import ImageDataset, load_splits
+from piggyback.preprocess import Preprocess
 from piggyback.route_fit import (
     MAX_IMAGES,
     class_feature_means,
@@ -39,7 +40,6 @@ from piggyback.route_fit import (
     stratified_subset,
 )
 from piggyback.routing import RoutingProfile, route_by_entropy, route_by_prototypes
-from piggyback.training.run import preprocess_info
 
 
 def task_data(predictor: Predictor, task: str, data_root: Path) -> Path:
@@ -57,7 +57,7 @@ def measure(predictor: Predictor, args: argparse.Namespace, trained: bool) -> di
     preprocess = predictor.preprocess(tasks[0])
     if any(predictor.preprocess(t) != preprocess for t in tasks):
         raise SystemExit("this measurement assumes tasks with one preprocessing")
-    transform = transforms_for(preprocess, train=False)
+    transform = Preprocess.from_dict(preprocess).transform()
     out: dict[str, Any] = {
         "tasks": tasks,
         "means": {},
@@ -191,7 +191,8 @@ def untrained_predictor(args: argparse.Namespace) -> Predictor:
     for name in args.routing_datasets:
         splits = load_splits(args.data_root / name)
         task = model.add_task(name, splits.num_classes, method="classifier", seed=0)
-        task.metadata.preprocess = preprocess_info(backbone.data_config, args.routing_image_size)
+        size = args.routing_image_size
+        task.metadata.preprocess = Preprocess.from_data_config(backbone.data_config, size).to_dict()
     return Predictor(model, max_cached_tasks=None)
 
 

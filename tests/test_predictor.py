@@ -16,11 +16,11 @@ from test_export import CLASSES, PREPROCESS
 from test_model import train_steps
 
 from piggyback import PiggybackModel, Predictor, TaskError
-from piggyback.data import transforms_for
 from piggyback.errors import DataError, TaskFileError
 from piggyback.fileio import content_checksum
 from piggyback.packing import packed_size
 from piggyback.predictor import TaskPrediction
+from piggyback.preprocess import Preprocess
 from piggyback.route_fit import fit_routing_profile, spherical_kmeans, stratified_subset
 from piggyback.routing import NoRoutingProfileWarning, RoutingProfile
 from piggyback.taskfile import read_task_file
@@ -231,7 +231,7 @@ def test_images_as_pil_paths_bytes_or_tensors_use_each_tasks_preprocessing(tmp_p
     for task, size in (("a", 16), ("b", 20)):
         prep = predictor.preprocess(task)
         assert prep["image_size"] == size
-        tensor = transforms_for(prep, train=False)(picture)
+        tensor = Preprocess.from_dict(prep).transform()(picture)
         sources = [picture, path, str(path), encoded.getvalue(), tensor]
         expected = reference(model, task, torch.stack([tensor] * len(sources)))
         for answer, row in zip(predictor.predict(sources, task, top_k=3), expected, strict=True):

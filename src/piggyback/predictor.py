@@ -114,7 +114,7 @@ class Predictor:
         how to build it (your own nn.Module); by default it is built from the saved spec.
         `channels_last`: the memory layout training uses too; convolutions run faster in it.
         """
-        from piggyback.training.run import resolve_device
+        from piggyback.device import resolve_device
 
         names = list(tasks) if tasks is not None else None
         model = PiggybackModel.from_pretrained(directory, backbone, tasks=names)
@@ -162,7 +162,7 @@ class Predictor:
 
     def preprocess(self, name: str) -> dict[str, Any]:
         """The task's evaluation preprocessing (image size, resize, mean, std, interpolation)."""
-        from piggyback.predict import resolve_preprocess
+        from piggyback.preprocess import resolve_preprocess
 
         state = self.model.task(name)
         with self._lock:
@@ -175,12 +175,12 @@ class Predictor:
         return found
 
     def _transform(self, preprocess: dict[str, Any]) -> Transform:
-        from piggyback.data import transforms_for
+        from piggyback.preprocess import Preprocess
 
         key = preprocess_key(preprocess)
         with self._lock:
             if key not in self._transforms:
-                self._transforms[key] = transforms_for(preprocess, train=False)
+                self._transforms[key] = Preprocess.from_dict(preprocess).transform()
             return self._transforms[key]
 
     # -- memory ---------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from piggyback.data import ImageDataset, Sample, load_splits, transforms_for
+from piggyback.data import ImageDataset, Sample, load_splits
 from piggyback.errors import DataError
+from piggyback.preprocess import Preprocess
 from piggyback.routing import RoutingProfile
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def routing_batches(
 ) -> DataLoader:
     """Batches of (at most `max_images`, stratified) samples prepared as the task evaluates."""
     chosen = stratified_subset([s.label for s in samples], max_images)
-    dataset = ImageDataset([samples[i] for i in chosen], transforms_for(preprocess, train=False))
+    transform = Preprocess.from_dict(preprocess).transform()
+    dataset = ImageDataset([samples[i] for i in chosen], transform)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
@@ -151,7 +153,7 @@ def fit_routing_from_data(
 
     Save the model afterwards (`save_pretrained`) to keep them in the task file.
     """
-    from piggyback.predict import resolve_preprocess
+    from piggyback.preprocess import resolve_preprocess
 
     state = model.task(task)
     preprocess = resolve_preprocess(model, task)

@@ -347,10 +347,11 @@ class Run:
     def routing_profile(self) -> RoutingProfile:
         """Prototypes for `tasks="auto"` from the training images (see piggyback.routing)."""
         cfg = self.cfg
+        preprocess = self.preprocess.to_dict()
         batches = routing_batches(
-            self.splits.train, self.preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
+            self.splits.train, preprocess, batch_size=2 * cfg.batch_size, workers=cfg.workers
         )
-        return fit_routing_profile(self.model, batches, self.preprocess)
+        return fit_routing_profile(self.model, batches, preprocess)
 
 
 def _summary_line(result: RunResult) -> str:
