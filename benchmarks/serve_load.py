@@ -71,7 +71,7 @@ def make_model_dir(args: argparse.Namespace, directory: Path) -> Path:
 
     from piggyback import PiggybackModel
     from piggyback.backbones import create_backbone
-    from piggyback.training.run import preprocess_info
+    from piggyback.preprocess import Preprocess
 
     backbone = create_backbone(args.backbone, weights=args.weights)
     model = PiggybackModel(backbone.model, backbone_spec=backbone.spec)
@@ -83,7 +83,9 @@ def make_model_dir(args: argparse.Namespace, directory: Path) -> Path:
         with torch.no_grad():
             for score in state.parameters():
                 score.copy_(torch.rand(score.shape, generator=generator) * 6e-3 + 4.2e-3)
-        state.metadata.preprocess = preprocess_info(backbone.data_config, args.image_size)
+        state.metadata.preprocess = Preprocess.from_data_config(
+            backbone.data_config, args.image_size
+        ).to_dict()
     return model.save_pretrained(directory)
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from piggyback import PiggybackModel
 from piggyback.backbones import create_backbone
 from piggyback.images import decode_image
+from piggyback.preprocess import Preprocess
 from piggyback.route_fit import fit_routing_profile
-from piggyback.training.run import preprocess_info
 
 #: task -> class names of the saved model.
 TASKS = {"colours": ["red", "green", "blue"], "digits": ["zero", "one", "two", "three"]}
@@ -31,7 +31,9 @@ def save_two_task_model(directory: Path, weights: Path) -> Path:
         with torch.no_grad():
             for score in state.parameters():  # about 80% of the weights on, differently per task
                 score.copy_(torch.rand(score.shape, generator=generator) * 6e-3 + 4e-3)
-        state.metadata.preprocess = preprocess_info(backbone.data_config, IMAGE_SIZE)
+        state.metadata.preprocess = Preprocess.from_data_config(
+            backbone.data_config, IMAGE_SIZE
+        ).to_dict()
         # Routing prototypes for "auto", as training computes them (here from random images).
         images = torch.randn(2 * len(classes), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         labels = torch.arange(len(classes)).repeat(2)

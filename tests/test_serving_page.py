@@ -20,11 +20,10 @@ from PIL import Image
 
 from piggyback import PiggybackModel, Predictor
 from piggyback.backbones import create_backbone
-from piggyback.data import transforms_for
+from piggyback.preprocess import Preprocess
 from piggyback.route_fit import fit_routing_profile
 from piggyback.serving.app import ServeSettings, create_app
 from piggyback.serving.server import running_server
-from piggyback.training.run import preprocess_info
 
 CLASSES = ["stopp", "vorfahrt_gewaehren", "vorgeschrieben_rechts"]
 PER_CLASS = 20
@@ -42,8 +41,9 @@ def train_gtsrb_task(data: Path, weights: Path, directory: Path) -> Path:
     model = PiggybackModel(backbone.model, backbone_spec=backbone.spec)
     state = model.add_task("gtsrb", len(CLASSES), class_names=CLASSES, seed=0)
     model.set_task("gtsrb")
-    state.metadata.preprocess = preprocess_info(backbone.data_config, 32)
-    transform = transforms_for(state.metadata.preprocess, train=False)
+    preprocess = Preprocess.from_data_config(backbone.data_config, 32)
+    state.metadata.preprocess = preprocess.to_dict()
+    transform = preprocess.transform()
     files = [
         (path, label)
         for label, name in enumerate(CLASSES)
