@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import ray
+from ray import serve
 from serving_fixtures import image_bytes, open_image, save_two_task_model
 
 from piggyback import Predictor
@@ -24,8 +26,6 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_serve():
-    ray = pytest.importorskip("ray")
-    from ray import serve
 
     # Two CPUs for the whole instance, one torch thread per process: this machine has 2 cores.
     ray.init(
