@@ -2,8 +2,9 @@
 
 The meta device gives every tensor a shape and no memory, so the whole zoo (about 1,450 models,
 giants included) is built and wrapped in minutes: this checks the structure piggyback finds in
-each (heads, masked weights, norms, reported weights, swap slots; see `coverage.check_wrapped`).
-Computation is checked on representative models in `test_model_families.py`.
+each (heads, masked weights, norms, reported weights, swap slots; see
+`coverage_checks.check_wrapped`). Computation is checked on representative models in
+`test_model_families.py`; `coverage_report.py` turns this test's log into docs/model-coverage.md.
 
 Models that cannot be built on the meta device, or that piggyback refuses, are listed below with
 the reason; the test checks that they still fail for that reason, so the lists stay true.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torchvision
-from coverage import build_on_meta, check_wrapped, log_refused, log_wrapped, wrap_quietly
+from coverage_checks import build_on_meta, check_wrapped, log_refused, log_wrapped, wrap_quietly
 from torch import nn
 
 from piggyback import UnsupportedModelError
@@ -48,13 +49,14 @@ def _expect_failure(library: str, name: str, build) -> bool:
     if name in UNBUILDABLE:
         with pytest.raises(Exception, match=UNBUILDABLE[name]) as failure:
             build()
+        log_refused(library, name, str(failure.value), outcome="unbuildable")
     elif name in REFUSED:
         backbone = build()
         with pytest.raises(UnsupportedModelError, match=REFUSED[name]) as failure:
             wrap_quietly(backbone)
+        log_refused(library, name, str(failure.value))
     else:
         return False
-    log_refused(library, name, str(failure.value))
     return True
 
 

@@ -11,7 +11,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import timm
 import torch
+import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -192,6 +194,11 @@ def _log(record: dict) -> None:
     path = os.environ.get(LOG_ENV)
     if not path:
         return
+    record["versions"] = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+    }
     # One short write per line in append mode: lines from parallel test workers do not interleave.
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")
@@ -223,6 +230,7 @@ def log_wrapped(library: str, name: str, model: PiggybackModel, note: str | None
     )
 
 
-def log_refused(library: str, name: str, reason: str) -> None:
-    """Record a model that piggyback refuses (or that cannot be built), with the message."""
-    _log({"library": library, "model": name, "outcome": "refused", "reason": reason})
+def log_refused(library: str, name: str, reason: str, outcome: str = "refused") -> None:
+    """Record a model that piggyback refuses (or, outcome "unbuildable", that cannot be built on
+    the meta device), with the message."""
+    _log({"library": library, "model": name, "outcome": outcome, "reason": reason})
