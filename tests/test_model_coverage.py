@@ -2,8 +2,9 @@
 
 The meta device gives every tensor a shape and no memory, so the whole zoo (about 1,450 models,
 giants included) is built and wrapped in minutes: this checks the structure piggyback finds in
-each (heads, masked weights, norms, reported weights, swap slots; see `coverage.check_wrapped`).
-Computation is checked on representative models in `test_model_families.py`.
+each (heads, masked weights, norms, reported weights, swap slots; see
+`coverage_checks.check_wrapped`). Computation is checked on representative models in
+`test_model_families.py`; `coverage_report.py` turns this test's log into docs/model-coverage.md.
 
 Models that cannot be built on the meta device, or that piggyback refuses, are listed below with
 the reason; the test checks that they still fail for that reason, so the lists stay true.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torchvision
-from coverage import build_on_meta, check_wrapped, wrap_quietly
+from coverage_checks import build_on_meta, check_wrapped, log_refused, log_wrapped, wrap_quietly
 from torch import nn
 
 from piggyback import UnsupportedModelError
@@ -43,18 +44,20 @@ REFUSED: dict[str, str] = {
 }
 
 
-def _expect_failure(name: str, build) -> bool:
+def _expect_failure(library: str, name: str, build) -> bool:
     """Check a listed model still fails as listed; False for a model expected to work."""
     if name in UNBUILDABLE:
-        with pytest.raises(Exception, match=UNBUILDABLE[name]):
+        with pytest.raises(Exception, match=UNBUILDABLE[name]) as failure:
             build()
-        return True
-    if name in REFUSED:
+        log_refused(library, name, str(failure.value), outcome="unbuildable")
+    elif name in REFUSED:
         backbone = build()
-        with pytest.raises(UnsupportedModelError, match=REFUSED[name]):
-            check_wrapped(backbone, [], [])
-        return True
-    return False
+        with pytest.raises(UnsupportedModelError, match=REFUSED[name]) as failure:
+            wrap_quietly(backbone)
+        log_refused(library, name, str(failure.value))
+    else:
+        return False
+    return True
 
 
 def _timm_classifier(backbone) -> tuple[list[str], list[nn.Module]]:
@@ -87,15 +90,16 @@ def test_every_timm_classifier_is_wrapped_as_it_declares(name):
     def build(**kwargs):
         return build_on_meta(lambda: timm.create_model(name, pretrained=False, **kwargs))
 
-    if _expect_failure(name, build):
+    if _expect_failure("timm", name, build):
         return
-    backbone = build()
+    backbone, note = build(), None
     if _headless(backbone):
         # Feature extractors by default (num_classes=0): refused with the fix, which works.
         with pytest.raises(UnsupportedModelError, match=r"is an nn\.Identity.*num_classes=1000"):
             wrap_quietly(backbone)
-        backbone = build(num_classes=1000)
-    check_wrapped(backbone, *_timm_classifier(backbone))
+        backbone, note = build(num_classes=1000), "built with num_classes=1000"
+    model = check_wrapped(backbone, *_timm_classifier(backbone))
+    log_wrapped("timm", name, model, note)
 
 
 def _torchvision_build(name: str):
@@ -112,7 +116,7 @@ def test_every_torchvision_classifier_is_wrapped_with_its_head(name):
     def build():
         return _torchvision_build(name)
 
-    if _expect_failure(name, build):
+    if _expect_failure("torchvision", name, build):
         return
     backbone = build()
     heads = [
@@ -120,4 +124,5 @@ def test_every_torchvision_classifier_is_wrapped_with_its_head(name):
         for n, m in backbone.named_modules()
         if getattr(m, "out_features", getattr(m, "out_channels", None)) == SENTINEL_CLASSES
     ]
-    check_wrapped(backbone, [n for n, _ in heads], [m for _, m in heads])
+    model = check_wrapped(backbone, [n for n, _ in heads], [m for _, m in heads])
+    log_wrapped("torchvision", name, model)

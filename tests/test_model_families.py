@@ -26,6 +26,8 @@ from torch import nn
 
 from piggyback import PiggybackModel
 from piggyback.norms import is_norm
+from piggyback.swap import Slot
+from piggyback.targets import in_any_subtree
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +124,19 @@ FAMILIES = {
     ),
     "cait (class attention)": (partial(_timm, "cait_xxs24_224", img_size=32, depth=1), 32),
     "efficientvit_m0": (partial(_timm, "efficientvit_m0"), 64),
+    "lowformer_b0 (ConvTranspose2d)": (partial(_timm, "lowformer_b0"), 64),
+    "sequencer2d (nn.LSTM, reported)": (
+        partial(
+            _timm_class,
+            timm.models.sequencer.Sequencer2d,
+            "sequencer2d_s",
+            img_size=56,
+            layers=(1, 1, 1, 1),
+            embed_dims=(32, 64, 64, 64),
+            hidden_sizes=(8, 16, 16, 16),
+        ),
+        56,
+    ),
     "deit distilled (two heads)": (
         partial(_timm, "deit_tiny_distilled_patch16_224", img_size=32, depth=1),
         32,
@@ -204,6 +219,14 @@ def _train_step(model: PiggybackModel, images: torch.Tensor, classes: int) -> No
     model.eval()
 
 
+def _assert_backbone_unchanged(model: PiggybackModel, pristine: nn.Module) -> None:
+    """Every tensor of the backbone outside its heads is bit for bit what it was before wrapping
+    (the frozen weights, and the norms' running statistics)."""
+    for name, tensor in pristine.state_dict().items():
+        if not in_any_subtree(name, model.head_names):
+            assert torch.equal(Slot.resolve(model.backbone, name).get(), tensor), name
+
+
 def _outputs(model: PiggybackModel, task: str, images: torch.Tensor) -> torch.Tensor:
     model.set_task(task)
     model.eval()
@@ -243,6 +266,7 @@ def test_family_trains_isolates_tasks_merges_and_round_trips(name, tmp_path):
     _train_step(model, images, 5)
     assert torch.equal(_outputs(model, "a", images), before)
     assert all(torch.equal(s, scores_a[n]) for n, s in model.task("a").scores.items())
+    _assert_backbone_unchanged(model, pristine)
     output_b = _outputs(model, "b", images)
     assert output_b.shape == (2, 5)
 

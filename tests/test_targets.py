@@ -220,6 +220,22 @@ def test_condconv_expert_kernels_are_masked_exactly(images):
         torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
 
 
+def test_transposed_convolution_weights_are_masked_exactly(images):
+    torch.manual_seed(0)
+    backbone = Sandwich(nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1)).eval()
+    reference = copy.deepcopy(backbone)
+    model = wrap(backbone)
+    assert "middle.weight" in {t.name for t in model.targets} and model.unmasked == []
+    model.add_task("t")
+    model.set_task("t")
+    model.eval()
+    mask = torch.rand(8, 8, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        model.task().scores["middle.weight"].copy_(torch.where(mask, 1.0, -1.0))
+        reference.middle.weight.mul_(mask)
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+
+
 class Scales(nn.Module):
     """Per-channel scales the way real models store them: 1-D, 3-D, and a PReLU slope."""
 

@@ -17,7 +17,8 @@ from torch import nn
 from piggyback.errors import UnsupportedModelError
 from piggyback.norms import is_norm, norm_types
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear, *_CONV_TYPES)  # the layers a classifier ends in
 
 
 def _config(model: nn.Module) -> dict | None:
@@ -99,7 +100,7 @@ def find_heads(model: nn.Module) -> list[str]:
         for name, m in model.named_modules()
         if any(True for _ in m.parameters(recurse=False)) and not is_norm(m, norms)
     ]
-    if weighted and isinstance(weighted[-1][1], _LAYER_TYPES[1:]):
+    if weighted and isinstance(weighted[-1][1], _CONV_TYPES):
         return [weighted[-1][0]]
     last = [f"{name} ({type(m).__name__})" for name, m in weighted[-3:]]
     raise UnsupportedModelError(

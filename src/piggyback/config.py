@@ -15,7 +15,8 @@ from piggyback.mask_kinds import get_mask_kind
 ScoreInit = Literal["ones", "uniform"]
 
 #: Layer families that can be masked: "linear" (nn.Linear and subclasses), "conv" (nn.Conv1d/2d/3d,
-#: grouped and depthwise included, and subclasses such as timm's Conv2dSame), "attention"
+#: grouped, depthwise and transposed included, subclasses such as timm's Conv2dSame, and timm's
+#: CondConv2d), "attention"
 #: (nn.MultiheadAttention's packed input projection, which is not an nn.Linear) and "embedding".
 LAYER_TYPES = ("linear", "conv", "attention", "embedding")
 

@@ -27,7 +27,16 @@ from piggyback.config import PiggybackConfig
 from piggyback.errors import UnsupportedModelError
 from piggyback.norms import is_norm, norm_types
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Transposed convolutions too: their forward reads `self.weight` like a convolution's, so W * mask
+# in that slot masks them the same way (LowFormer upsamples with them: up to 26% of its weights).
+_CONV_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
 
 

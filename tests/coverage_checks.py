@@ -4,17 +4,22 @@ piggyback decides those things."""
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import timm
 import torch
+import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from piggyback import PiggybackModel
 from piggyback.heads import TaskHeads
-from piggyback.norms import is_norm
+from piggyback.norms import is_norm, norm_types
 from piggyback.swap import Slot
 from piggyback.targets import in_any_subtree
 
@@ -45,17 +50,19 @@ class _NoValuesOnMeta(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        # nn.init functions reach a mode with their tensor as a keyword (tensor=...).
+        target = args[0] if args else kwargs.get("tensor")
         if (
             name.endswith("_")
             and not name.endswith("__")  # properties and operators (__get__, __iadd__, ...)
             and name not in _METADATA_OPS
-            and args
-            and isinstance(args[0], torch.Tensor)
-            and args[0].is_meta
+            and isinstance(target, torch.Tensor)
+            and target.is_meta
         ):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+            return target
+        return func(*args, **kwargs)
 
 
 @contextmanager
@@ -154,10 +161,11 @@ def check_wrapped(
     masked = {t.name for t in model.targets}
     assert len(masked) == len(model.targets)
     assert not [n for n in masked if in_any_subtree(n, heads)], "a head weight is masked"
+    norms = norm_types()
     not_norms = [
         name
         for name, module in backbone.named_modules()
-        if is_norm(module) and not _looks_like_a_norm(module)
+        if is_norm(module, norms) and not _looks_like_a_norm(module)
     ]
     assert not not_norms, f"taken for norms but are not: {not_norms}"
     params = {n for n, _ in backbone.named_parameters() if not in_any_subtree(n, heads)}
@@ -175,3 +183,54 @@ def check_wrapped(
     for name in model.norm_names:
         Slot.resolve(backbone, name)
     return model
+
+
+#: Set to a file path to have the coverage tests append one JSON line per model they check (what
+#: `tests/coverage_report.py` turns into docs/model-coverage.md). Off by default.
+LOG_ENV = "PIGGYBACK_COVERAGE_LOG"
+
+
+def _log(record: dict) -> None:
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    record["versions"] = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    # One short write per line in append mode: lines from parallel test workers do not interleave.
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def log_wrapped(library: str, name: str, model: PiggybackModel, note: str | None = None) -> None:
+    """Record a model that passed `check_wrapped`: its heads, and how many of its backbone's
+    weights are masked and which kinds of parameter are reported (by module class)."""
+    if not os.environ.get(LOG_ENV):
+        return
+    backbone, heads = model.backbone, model.head_names
+    params = {n: p for n, p in backbone.named_parameters() if not in_any_subtree(n, heads)}
+    reported: Counter[str] = Counter()
+    for name_ in model.unmasked:
+        module_name, _, param = name_.rpartition(".")
+        kind = type(backbone.get_submodule(module_name)).__name__ if module_name else "(model)"
+        reported[f"{kind}.{param}"] += params[name_].numel()
+    _log(
+        {
+            "library": library,
+            "model": name,
+            "outcome": "pass",
+            "note": note,
+            "heads": heads,
+            "masked": sum(t.numel for t in model.targets),
+            "backbone": sum(p.numel() for p in params.values()),
+            "reported": dict(reported),
+        }
+    )
+
+
+def log_refused(library: str, name: str, reason: str, outcome: str = "refused") -> None:
+    """Record a model that piggyback refuses (or, outcome "unbuildable", that cannot be built on
+    the meta device), with the message."""
+    _log({"library": library, "model": name, "outcome": outcome, "reason": reason})
