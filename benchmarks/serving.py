@@ -277,7 +277,8 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.image_size} px, CPU float32, {args.threads} torch threads, channels-last; "
         f"{NUM_CLASSES}-class heads; medians of {args.repeats} repeats.",
         "",
-        "| model | tasks | RSS of tasks (MiB) | per task: RSS / packed file (MiB) | accounted (MiB) "
+        "| model | tasks | RSS of tasks (MiB) | per task: RSS / packed file (MiB) "
+        "| accounted (MiB) "
         f"| + {CACHED} cached: RSS / accounted (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
