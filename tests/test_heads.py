@@ -107,3 +107,18 @@ def test_two_head_tasks_train_save_load_and_unload(distilled, small_images, tmp_
         assert torch.equal(restored(small_images), model(small_images))
     backbone = restored.unload()
     assert type(backbone.head) is nn.Linear and type(backbone.head_dist) is nn.Linear
+
+
+def test_routing_features_bypass_every_head_of_a_two_head_model(distilled, small_images):
+    """`backbone_features` (routing, route-fit) on a distilled DeiT: both head slots give way, and
+    the features are timm's own pre-logits (the two tokens averaged), not an error."""
+    reference = copy.deepcopy(distilled)
+    model = wrap(distilled)
+    model.add_task("five", 5, seed=0)
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone_features(small_images)
+        expected = reference.forward_head(reference.forward_features(small_images), pre_logits=True)
+        assert torch.equal(features, expected)
+        model.set_task("five")
+        assert model(small_images).shape == (2, 5)  # the task heads are back in their slots

@@ -339,15 +339,19 @@ class PiggybackModel(nn.Module):
         """What the frozen backbone, with no task applied, hands to its head (pooled features).
 
         Task routing compares these with each task's prototypes (`piggyback.routing`). A feature
-        map (before a convolutional head) is averaged over its spatial positions.
+        map (before a convolutional head) is averaged over its spatial positions. Every head slot
+        is bypassed: a two-head model (distilled DeiT) then combines its two tokens' features as
+        it combines its heads' outputs.
         """
         with self._swap_lock:
-            heads = self.heads
-            self.backbone.set_submodule(self.head_name, nn.Identity())
+            wrappers = self._named_wrappers()
+            for name in wrappers:
+                self.backbone.set_submodule(name, nn.Identity())
             try:
                 features = self.backbone(*args, **kwargs)
             finally:
-                self.backbone.set_submodule(self.head_name, heads)
+                for name, wrapper in wrappers.items():
+                    self.backbone.set_submodule(name, wrapper)
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
     def task_tensors(self, task: str | None = None) -> list[Tensor]:
