@@ -122,6 +122,20 @@ def heads_activated(wrappers: Sequence[TaskHeads], name: str, head: nn.Module) -
             wrapper.activate(active, held)
 
 
+@contextmanager
+def modules_in_slots(backbone: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """`backbone` with `modules` in the named head slots for the block (a task's plain heads to
+    copy it, nn.Identity for its features); the slots' own modules come back, even on error."""
+    current = {name: backbone.get_submodule(name) for name in modules}
+    for name, module in modules.items():
+        backbone.set_submodule(name, module)
+    try:
+        yield backbone
+    finally:
+        for name, module in current.items():
+            backbone.set_submodule(name, module)
+
+
 def _first_param(module: nn.Module) -> torch.Tensor | None:
     return next(iter(module.parameters()), None)
 

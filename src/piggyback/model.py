@@ -10,61 +10,41 @@ plain backbone.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from piggyback import model_dir, taskfile
-from piggyback.classifiers import find_heads
+from piggyback.backbone_layout import BackboneLayout
+from piggyback.backbone_slots import BackboneSlots
 from piggyback.config import PiggybackConfig
-from piggyback.errors import TaskError, TaskFileError, UnsupportedModelError
-from piggyback.fingerprint import fingerprint
+from piggyback.errors import TaskError, UnsupportedModelError
 from piggyback.heads import (
     TaskHeads,
     heads_activated,
     heads_by_slot,
     install_task_heads,
+    modules_in_slots,
     new_head,
     original_heads,
 )
-from piggyback.masks import fraction_on, weighted_fraction_on
+from piggyback.merge import merged_backbone
 from piggyback.methods import TaskMethod, get_method
-from piggyback.norms import is_norm, norm_types
-from piggyback.recompute import BackwardSwap, reapply_in_backward
-from piggyback.swap import Slot, swapped
+from piggyback.model_files import ModelFiles
+from piggyback.model_inspection import ModelInspection
+from piggyback.recompute import reapply_in_backward
+from piggyback.swap import Slot
 from piggyback.targets import (
     MaskTarget,
-    check_unmasked,
-    find_mask_targets,
-    find_norm_tensors,
-    in_any_subtree,
 )
+from piggyback.task_cache import TaskCache
 from piggyback.tasks import TaskMetadata, TaskState, check_task_name
 
 
-def _version(tensor: Tensor) -> int:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors have no version counter and cannot change
-        return -1
-
-
-def _backbone_fingerprint(backbone: nn.Module, heads: list[str]) -> str | None:
-    """The fingerprint of the backbone's weights (heads excluded); None on the meta device, where
-    tensors have shapes but no values (models built there only to check their structure)."""
-    tensors = {n: t for n, t in backbone.state_dict().items() if not in_any_subtree(n, heads)}
-    if any(t.is_meta for t in tensors.values()):
-        return None
-    return fingerprint(tensors)
-
-
-class PiggybackModel(nn.Module):
+class PiggybackModel(ModelFiles, ModelInspection, nn.Module):
     """A frozen backbone adapted to several tasks, each by a learned mask and its own head.
 
     Args:
@@ -85,46 +65,33 @@ class PiggybackModel(nn.Module):
         super().__init__()
         if any(isinstance(m, TaskHeads) for m in backbone.modules()):
             raise UnsupportedModelError("this backbone is already wrapped by a PiggybackModel")
-        self.config = config = config or PiggybackConfig()
-        # Every classifier the model declares (two for timm's distilled models) is replaced.
-        self.head_names: list[str] = [config.head] if config.head else find_heads(backbone)
-        self.head_name = self.head_names[0]
-        heads = self.head_names
+        self.config = config or PiggybackConfig()
         self.backbone_spec = dict(backbone_spec or {})
-        self._fingerprint = _backbone_fingerprint(backbone, heads)
-        self.targets: list[MaskTarget] = find_mask_targets(backbone, config, heads)
-        self.unmasked: list[str] = check_unmasked(backbone, config, heads, self.targets)
-        self.norm_names: list[str] = find_norm_tensors(backbone, heads)
-        self._original_requires_grad = {n: p.requires_grad for n, p in backbone.named_parameters()}
+        self._layout = layout = BackboneLayout.of(backbone, self.config)
+        self.head_names: list[str] = layout.head_names
+        self.head_name = self.head_names[0]
+        self.targets: list[MaskTarget] = layout.targets
+        self.unmasked: list[str] = layout.unmasked
+        self.norm_names: list[str] = layout.norm_names
         backbone.requires_grad_(False)
-        install_task_heads(backbone, heads)
+        install_task_heads(backbone, self.head_names)
         self.backbone = backbone
         self.task_states = nn.ModuleDict()
-        norms = norm_types()
-        self._norm_modules = [
-            m
-            for n, m in backbone.named_modules()
-            if is_norm(m, norms) and not in_any_subtree(n, heads)
-        ]
         self._active: str | None = None
-        self._slots: dict[str, Slot] = {}
-        self._cache: tuple[tuple, list[Tensor]] | None = None
-        # Swapping tensors into the shared backbone is not safe from two threads at once; the
-        # lock makes concurrent forward passes wait instead of mixing each other's weights.
-        self._swap_lock = threading.RLock()
-        self._backward_swap = BackwardSwap(self._swap_lock)
-        self._applied: list[dict[str, Tensor]] = []  # originals of the swaps now active
+        self._slots = BackboneSlots(backbone)
+        # The active task's tensors in eval mode: computed once per switch, not per forward.
+        self._cache = TaskCache(max_tasks=1)
         self.train(backbone.training)
 
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the backbone weights the masks belong to (recorded in every task file)."""
-        if self._fingerprint is None:
+        if self._layout.fingerprint is None:
             raise UnsupportedModelError(
                 "the backbone is on the meta device: its weights have no values, so there is "
                 "nothing to fingerprint, save or load; build it with real weights for that"
             )
-        return self._fingerprint
+        return self._layout.fingerprint
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -216,7 +183,7 @@ class PiggybackModel(nn.Module):
         `replace=True` swaps out a task of the same name in one step: forward passes running in
         other threads finish first, and none sees the old task afterwards.
         """
-        with self._swap_lock:
+        with self._slots.lock:
             if state.task_name in self.task_states:
                 if not replace:
                     raise TaskError(f"task {state.task_name!r} already exists")
@@ -236,31 +203,31 @@ class PiggybackModel(nn.Module):
             for group in state.parameter_groups().values():
                 for param in group:
                     param.requires_grad_(True)
-        self._cache = None
+        self._cache.clear()
         self._sync_norm_modes()
 
     def delete_task(self, name: str) -> None:
         """Remove a task and its head; other tasks are untouched (waits for running forwards)."""
         self.task(name)
-        with self._swap_lock:
+        with self._slots.lock:
             del self.task_states[name]
             if self._active == name:
                 self._active = None
                 for wrapper in self._head_wrappers():
                     wrapper.activate(None, None)
-            self._cache = None
+            self._cache.clear()
 
     def freeze_task(self, name: str | None = None) -> None:
         """TRAINABLE -> FROZEN: pack the task's masks to bits and stop it training (inference)."""
         self.task(name).freeze(self.targets, self.config)
-        self._cache = None
+        self._cache.clear()
 
     def unfreeze_task(self, name: str | None = None) -> None:
         """FROZEN -> TRAINABLE: continue training a saved task; scores are rebuilt from its mask
         (on: init_value, off: 0), so training resumes from exactly the saved task."""
         state = self.task(name)
         state.unfreeze(self.targets, self.config)
-        self._cache = None
+        self._cache.clear()
         if state.task_name == self._active:
             self.set_task(state.task_name)
 
@@ -278,7 +245,7 @@ class PiggybackModel(nn.Module):
 
     def train(self, mode: bool = True) -> PiggybackModel:
         super().train(mode)
-        self._cache = None
+        self._cache.clear()
         self._sync_norm_modes()
         return self
 
@@ -286,7 +253,7 @@ class PiggybackModel(nn.Module):
         """Frozen (shared) normalization always runs in eval mode, as in the paper."""
         state = self.task_states[self._active] if self._active else None
         learn = self.training and state is not None and state.trains_norms
-        for module in self._norm_modules:
+        for module in self._layout.norm_modules:
             module.train(learn)
 
     # -- forward --------------------------------------------------------------------------------
@@ -295,15 +262,16 @@ class PiggybackModel(nn.Module):
         state = self.task()
         slots = self._task_slots(state)
         if not self._needs_graph(state):  # inference: the cached tensors, no graph
-            with self._swapped(slots, self._cached_tensors(state)):
+            with self._slots.swapped(slots, self._cached_tensors(state)):
                 return self.backbone(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
             state.require_trainable()
         tensors = self._compute_tensors(state)
-        with self._swapped(slots, tensors):
+        with self._slots.swapped(slots, tensors):
             outputs = self.backbone(*args, **kwargs)
         # Recomputation during backward (gradient checkpointing) must see the same tensors.
-        return reapply_in_backward(outputs, self._backward_swap, state.task_name, slots, tensors)
+        swap = self._slots.backward_swap
+        return reapply_in_backward(outputs, swap, state.task_name, slots, tensors)
 
     @contextmanager
     def task_applied(self, task: str | None = None) -> Iterator[nn.Module]:
@@ -324,7 +292,7 @@ class PiggybackModel(nn.Module):
         """
         state = self.task(task)
         with (
-            self._swapped(self._task_slots(state), tensors),
+            self._slots.swapped(self._task_slots(state), tensors),
             heads_activated(self._head_wrappers(), state.task_name, state.head),
         ):
             yield self.backbone
@@ -333,7 +301,7 @@ class PiggybackModel(nn.Module):
     def swap_lock(self) -> threading.RLock:
         """Held while tensors are swapped in and while tasks are added or removed; hold it to
         run several steps against one unchanging set of tasks (re-entrant)."""
-        return self._swap_lock
+        return self._slots.lock
 
     def backbone_features(self, *args, **kwargs) -> Tensor:
         """What the frozen backbone, with no task applied, hands to its head (pooled features).
@@ -343,15 +311,9 @@ class PiggybackModel(nn.Module):
         is bypassed: a two-head model (distilled DeiT) then combines its two tokens' features as
         it combines its heads' outputs.
         """
-        with self._swap_lock:
-            wrappers = self._named_wrappers()
-            for name in wrappers:
-                self.backbone.set_submodule(name, nn.Identity())
-            try:
-                features = self.backbone(*args, **kwargs)
-            finally:
-                for name, wrapper in wrappers.items():
-                    self.backbone.set_submodule(name, wrapper)
+        bypass = dict.fromkeys(self.head_names, nn.Identity())
+        with self._slots.lock, modules_in_slots(self.backbone, bypass) as backbone:
+            features = backbone(*args, **kwargs)
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
     def task_tensors(self, task: str | None = None) -> list[Tensor]:
@@ -361,32 +323,12 @@ class PiggybackModel(nn.Module):
             return self._compute_tensors(state)
 
     def _task_slots(self, state: TaskState) -> list[Slot]:
-        names = state.method.swapped_names(state, self) + state.norms.names
-        return [self._slot(n) for n in names]
-
-    def _slot(self, name: str) -> Slot:
-        if name not in self._slots:
-            self._slots[name] = Slot.resolve(self.backbone, name)
-        return self._slots[name]
-
-    @contextmanager
-    def _swapped(self, slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
-        """`swap.swapped` under the lock, remembering the originals for `backbone_weight`."""
-        with self._swap_lock:
-            self._applied.append({slot.name: slot.get() for slot in slots})
-            try:
-                with swapped(slots, tensors):
-                    yield
-            finally:
-                self._applied.pop()
+        return self._slots.slots(state.method.swapped_names(state, self) + state.norms.names)
 
     def backbone_weight(self, name: str) -> Tensor:
         """The frozen backbone tensor called `name`, also while a task's tensors are applied
         (a forward pass inside `task_applied` must mask W, not the applied W * mask)."""
-        for originals in self._applied:  # the outermost swap holds the frozen originals
-            if name in originals:
-                return originals[name]
-        return self._slot(name).get()
+        return self._slots.original(name)
 
     def _needs_graph(self, state: TaskState) -> bool:
         return self.training or (
@@ -403,58 +345,19 @@ class PiggybackModel(nn.Module):
         """The task's tensors without a graph, recomputed only when the task or its inputs
         changed (a switch, in-place edits of scores or weights)."""
         inputs = state.mask_inputs() + [self.backbone_weight(t.name) for t in self.targets]
-        key = (state.task_name, id(state), tuple((id(t), _version(t)) for t in inputs))
-        if self._cache is None or self._cache[0] != key:
+
+        def compute() -> list[Tensor]:
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self._compute_tensors(state))
-        return self._cache[1]
+                return self._compute_tensors(state)
+
+        return self._cache.get(state.task_name, [state, *inputs], compute)
 
     def _compute_tensors(self, state: TaskState) -> list[Tensor]:
         return state.method.tensors(state, self) + state.own_tensors()
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # .to() / .cuda() / .half() give new tensors
+        self._cache.clear()  # .to() / .cuda() / .half() give new tensors
         return super()._apply(fn, recurse)
-
-    # -- inspection -----------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        """Where the backbone's weights are."""
-        return next(self.backbone.parameters()).device
-
-    def backbone_tensors(
-        self, *, exclude_head: bool = False, names: list[str] | None = None
-    ) -> dict[str, Tensor]:
-        """Backbone parameters and buffers by name, as the original (frozen) tensors."""
-        tensors = dict(self.backbone.named_parameters()) | dict(self.backbone.named_buffers())
-        if names is not None:
-            return {n: tensors[n] for n in names}
-        return {
-            n: t
-            for n, t in tensors.items()
-            if not (exclude_head and in_any_subtree(n, self.head_names))
-        }
-
-    def mask_density(self, task: str | None = None) -> dict[str, float]:
-        """Fraction of non-zero mask entries per masked tensor (piggyback tasks only)."""
-        state = self.task(task)
-        if not state.method.uses_masks:
-            return {}
-        with torch.no_grad():
-            masks = state.masks(self.targets, self.config)
-            return {t.name: fraction_on(m) for t, m in zip(self.targets, masks, strict=True)}
-
-    def overall_density(self, task: str | None = None) -> float | None:
-        """Fraction of masked weights left on, over all masked tensors."""
-        density = self.mask_density(task)
-        if not density:
-            return None
-        return weighted_fraction_on(density, {t.name: t.numel for t in self.targets})
-
-    @property
-    def num_masked(self) -> int:
-        return sum(t.numel for t in self.targets)
 
     # -- merge / unload -------------------------------------------------------------------------
 
@@ -465,23 +368,11 @@ class PiggybackModel(nn.Module):
         torch.export / ONNX. This model is left unchanged.
         """
         state = self.task(task)
-        head = state.head
         with torch.no_grad():
             tensors = self._compute_tensors(state)
-        wrappers = self._named_wrappers()
-        for name, module in heads_by_slot(head, self.head_names).items():
-            self.backbone.set_submodule(name, module)
-        try:
-            merged = copy.deepcopy(self.backbone)
-        finally:
-            for name, wrapper in wrappers.items():
-                self.backbone.set_submodule(name, wrapper)
-        for slot_in_model, tensor in zip(self._task_slots(state), tensors, strict=True):
-            slot = Slot.resolve(merged, slot_in_model.name)
-            value = tensor.detach().clone()
-            slot.store[slot.key] = nn.Parameter(value) if slot.is_parameter else value
-        merged.requires_grad_(True)
-        return merged.eval()
+        names = [slot.name for slot in self._task_slots(state)]
+        heads = heads_by_slot(state.head, self.head_names)
+        return merged_backbone(self.backbone, heads, dict(zip(names, tensors, strict=True)))
 
     def unload(self) -> nn.Module:
         """Give back the backbone as it was: its own head, requires_grad flags and modes.
@@ -492,92 +383,10 @@ class PiggybackModel(nn.Module):
             self.backbone.set_submodule(name, wrapper.original)
         backbone = self.backbone
         for name, param in backbone.named_parameters():
-            param.requires_grad_(self._original_requires_grad.get(name, True))
+            param.requires_grad_(self._layout.requires_grad.get(name, True))
         backbone.train(self.training)  # norm modules follow the model's mode again
         self.task_states = nn.ModuleDict()
         self._active = None
-        self._cache = None
-        self._slots = {}
+        self._cache.clear()
+        self._slots.forget()
         return backbone
-
-    # -- files (see piggyback.taskfile and piggyback.model_dir) ---------------------------------
-
-    def save_task(
-        self,
-        path: str | Path,
-        task: str | None = None,
-        *,
-        codec: str | None = None,
-        head_dtype: str | None = None,
-    ) -> Path:
-        """Write one task to a safetensors file (coded masks, head, norms, metadata).
-
-        codec: how masks are stored ("zstd": entropy-coded; "packed": 1 or 2 bits per weight);
-            None: "zstd" unless packed is smaller (tiny models).
-        head_dtype: "float16" or "bfloat16" stores the head and task norms compactly (lossy);
-            None keeps them as they are.
-        """
-        name = self.task(task).task_name
-        return taskfile.save_task(self, name, Path(path), codec=codec, head_dtype=head_dtype)
-
-    def load_task(
-        self,
-        path: str | Path,
-        name: str | None = None,
-        *,
-        check_fingerprint: bool = True,
-        replace: bool = False,
-    ) -> str:
-        """Add the task stored in `path` as `name` (default: its saved name), frozen; returns
-        the name. `unfreeze_task(name)` makes it trainable again. `replace=True` replaces a task
-        of that name, once the file has been checked completely."""
-        return taskfile.load_task(
-            self, Path(path), name=name, check_fingerprint=check_fingerprint, replace=replace
-        )
-
-    def save_pretrained(
-        self,
-        directory: str | Path,
-        tasks: list[str] | None = None,
-        *,
-        codec: str | None = None,
-        head_dtype: str | None = None,
-    ) -> Path:
-        """Write the model config and one file per task into `directory` (like PEFT); `codec`
-        and `head_dtype` as for `save_task`."""
-        return model_dir.save_pretrained(
-            self, Path(directory), tasks, codec=codec, head_dtype=head_dtype
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        backbone: nn.Module | None = None,
-        *,
-        tasks: list[str] | None = None,
-        check_fingerprint: bool = True,
-    ) -> PiggybackModel:
-        """Rebuild a saved model: onto `backbone`, or the one its config describes."""
-        directory = Path(directory)
-        data = model_dir.read_model_config(directory)
-        config = model_dir.index_config(directory, data)
-        spec = data["backbone"].get("spec") or {}
-        if backbone is None:
-            if not spec:
-                raise TaskFileError(f"{directory} does not say how to build its backbone; pass one")
-            from piggyback.backbones import create_backbone_from_spec  # imports timm: lazily
-
-            backbone = create_backbone_from_spec(spec).model
-        model = cls(backbone, config, backbone_spec=spec)
-        if check_fingerprint:
-            taskfile.check_backbone(model, directory, data["backbone"]["fingerprint"], spec)
-        names = list(data["tasks"]) if tasks is None else tasks
-        for name in names:
-            if name not in data["tasks"]:
-                raise TaskError(f"{directory} has no task {name!r}; it has {list(data['tasks'])}")
-            path = model_dir.indexed_task_path(directory, name, data["tasks"][name])
-            taskfile.load_task(
-                model, path, name=name, check_fingerprint=check_fingerprint, expected_name=name
-            )
-        return model

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from piggyback.config import PiggybackConfig
 from piggyback.errors import TaskError
+from piggyback.masks import fraction_on
 from piggyback.methods import TaskMethod, get_method
 from piggyback.packing import pack_codes, unpack_codes
 from piggyback.targets import MaskTarget
@@ -274,6 +275,14 @@ class TaskState(nn.Module):
             sizes = [t.numel for t in targets]
             return [m.view(t.shape) for m, t in zip(flat.split(sizes), targets, strict=True)]
         return [kind.mask(self.scores[t.name], config) for t in targets]
+
+    def mask_density(self, targets: list[MaskTarget], config: PiggybackConfig) -> dict[str, float]:
+        """Fraction of non-zero mask entries per masked tensor ({} for methods without masks)."""
+        if not self.method.uses_masks:
+            return {}
+        with torch.no_grad():
+            masks = self.masks(targets, config)
+            return {t.name: fraction_on(m) for t, m in zip(targets, masks, strict=True)}
 
     def packed(self, targets: list[MaskTarget], config: PiggybackConfig) -> Tensor:
         """All masks as one flat bit-packed uint8 tensor, in target order (ceil(P*bits/8) bytes)."""
