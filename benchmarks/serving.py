@@ -6,7 +6,8 @@ Measured side by side in one run with the `Predictor`:
   the Predictor's own accounting; then with 4 tasks' masked weights cached;
 - task switch, batch 1: a forward pass of a task whose masked weights are not cached (cold:
   unpack the bits, W * mask) against one whose are (warm), interleaved, median;
-- mixed-task batches: a batch of 32 spread over 4 cached tasks against a batch of 32 of one task;
+- mixed-task batches: a batch of 32 spread over 4 cached tasks against a batch of 32 of one task,
+  and the same mixed batch with `batch_invariant=True` (each sample run alone: exact answers);
 - routing overhead: `tasks="auto"` against the known task (batch 1 and 32);
 - routing on real data (with `--routing-model`): trained tasks, their test images mixed; routing
   accuracy and end-to-end top-1 against knowing the task, for the prototypes the library uses,
@@ -223,10 +224,19 @@ def timings(name: str, directory: Path, args: argparse.Namespace) -> dict[str, A
         predictor.logits(one, task)
     batch = torch.randn(args.batch_size, 3, size, size)
     mixed_tasks = [warm[i % CACHED] for i in range(args.batch_size)]
+
+    def mixed_invariant() -> None:
+        predictor.batch_invariant = True
+        try:
+            predictor.predict(batch, mixed_tasks)
+        finally:
+            predictor.batch_invariant = False
+
     throughput = interleaved(
         {
             "single": lambda: predictor.predict(batch, warm[0]),
             "mixed": lambda: predictor.predict(batch, mixed_tasks),
+            "mixed_invariant": mixed_invariant,
         },
         args.steps,
         args.repeats,
@@ -259,6 +269,7 @@ def timings(name: str, directory: Path, args: argparse.Namespace) -> dict[str, A
             "batch_size": args.batch_size,
             "tasks": CACHED,
             "ratio": throughput["mixed"] / throughput["single"],
+            "invariant_ratio": throughput["mixed_invariant"] / throughput["single"],
         },
         "routing": routing,
         "cache": info.to_dict(),
@@ -294,8 +305,8 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "| model | backbone (MiB) | switch b1 cold / warm (ms) | cold - warm (ms) "
         f"| b{args.batch_size} mixed ({CACHED} tasks) / single (s) | ratio "
-        "| auto / known b1 | auto / known b32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batch-invariant mixed (s) / single | auto / known b1 | auto / known b32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results["models"].items():
         t = r["timings"]
@@ -306,6 +317,7 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{1000 * s['cold']:.1f} / {1000 * s['warm']:.1f} | "
             f"{1000 * s['cold_minus_warm']:.1f} | "
             f"{m['mixed']:.3f} / {m['single']:.3f} | {m['ratio']:.2f} | "
+            f"{m['mixed_invariant']:.3f} / {m['invariant_ratio']:.2f} | "
             f"{b1['ratio']:.2f} | {bn['ratio']:.2f} |"
         )
     routing = results.get("routing_real")

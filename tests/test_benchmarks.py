@@ -154,6 +154,7 @@ def test_serving_benchmark_measures_memory_switches_mixed_batches_and_routing(
         assert row["cached_tasks"] == 2
     timings = result["timings"]
     assert timings["mixed_batch"]["ratio"] > 0 and timings["switch_batch1"]["cold"] > 0
+    assert timings["mixed_batch"]["invariant_ratio"] > 0
     assert set(timings["routing"]) == {"batch1", "batch4"}
     routing = report["results"]["routing_real"]
     assert set(routing["methods"]) == {

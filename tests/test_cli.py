@@ -97,6 +97,14 @@ def test_predict_gives_class_names_with_probabilities(trained_dir, tiny_data):
     assert "class_" in text and "%" in text
 
 
+def test_predict_batch_invariant_answers_each_image_exactly_as_alone(trained_dir, tiny_data):
+    folder = tiny_data / "test" / "class_1"
+    args = ("predict", trained_dir, "--task", "colours", "--json", "--batch-invariant")
+    together = json.loads(invoke(args[0], args[1], folder, *args[2:]))
+    alone = [json.loads(invoke(args[0], args[1], row["path"], *args[2:]))[0] for row in together]
+    assert together == alone and len(together) == 3
+
+
 def copied_with_a_second_task(trained_dir, tmp_path) -> Path:
     """The trained model directory with task 'colours' also loaded as 'copy' (no prototypes)."""
     directory = Path(shutil.copytree(trained_dir, tmp_path / "model"))

@@ -71,41 +71,36 @@ def reference(model: PiggybackModel, task: str, images: torch.Tensor) -> torch.T
 # -- mixed-task batches -------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # from mkldnn.flags(), harmless
-def test_mixed_task_batch_equals_each_sample_run_alone(tmp_path):
-    """Each sample's answer in a mixed batch is bit-for-bit (torch.equal, float32) the answer of
-    its task's single-task batch of the same samples: grouping adds nothing. Against the sample
-    run alone (batch of one), what the backbone computes is bit-for-bit equal too, given kernels
-    whose results do not depend on the batch size (oneDNN's convolutions do, so it is off here);
-    the head's matrix product takes another BLAS path for one row (gemv), so the probabilities
-    of a sample run alone agree to float32 rounding (measured: last-bit differences)."""
+def test_mixed_task_batch_equals_each_tasks_own_batch_exactly(tmp_path):
+    """Each sample's answer in a mixed batch is bit-for-bit (float32) the answer of its task's
+    single-task batch of the same samples: grouping by task adds nothing."""
     predictor = load(saved_tasks(tmp_path))
-    model = predictor.model
     images = batch(7, count=7)
     order = ["a", "b", "a", "c", "b", "a", "c"]
-    features: list[torch.Tensor] = []
-    hook = model.heads.register_forward_pre_hook(lambda _, args: features.append(args[0]))
-    with torch.backends.mkldnn.flags(enabled=False):
+    mixed = predictor.predict(images, order, top_k=3)
+    assert [answer.task for answer in mixed] == order
+    for task in TASKS:
+        rows = [i for i, name in enumerate(order) if name == task]
+        group = reference(predictor.model, task, images[rows])
+        for row, index in zip(group, rows, strict=True):
+            assert torch.equal(torch.tensor(probabilities(mixed[index])), row)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_invariant_mixed_batch_equals_each_sample_run_alone_exactly(tmp_path, threads):
+    """With batch_invariant=True, each sample's answer in a mixed batch (tasks by name and
+    routed) is bit-for-bit its answer run alone, with one or several torch threads."""
+    predictor = Predictor(routed_model(), batch_invariant=True)
+    images = torch.cat([coloured(1, 0, 4), coloured(2, 2, 3)])[torch.tensor([0, 4, 1, 5, 2, 6, 3])]
+    order = ["red", "red", "auto", "blue", "auto", "auto", "blue"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
         mixed = predictor.predict(images, order, top_k=3)
-        mixed_features = dict(zip(_grouped_rows(order), torch.cat(features), strict=True))
-        assert [answer.task for answer in mixed] == order
-        for task in TASKS:
-            rows = [i for i, name in enumerate(order) if name == task]
-            group = reference(model, task, images[rows])
-            for row, index in zip(group, rows, strict=True):
-                assert torch.equal(torch.tensor(probabilities(mixed[index])), row)
-                features.clear()
-                alone = reference(model, task, images[index : index + 1])[0]
-                assert torch.equal(features[0][0], mixed_features[index])
-                assert torch.allclose(
-                    torch.tensor(probabilities(mixed[index])), alone, rtol=1e-6, atol=0
-                )
-    hook.remove()
-
-
-def _grouped_rows(order: list[str]) -> list[int]:
-    """The sample indices in the order the Predictor runs them: grouped by task."""
-    return [i for task in dict.fromkeys(order) for i, name in enumerate(order) if name == task]
+        alone = [predictor.predict(images[i : i + 1], t, top_k=3)[0] for i, t in enumerate(order)]
+    finally:
+        torch.set_num_threads(previous)
+    assert [answer.to_dict() for answer in mixed] == [answer.to_dict() for answer in alone]
 
 
 def test_each_task_of_a_mixed_batch_runs_once(tmp_path):

@@ -188,13 +188,18 @@ def predict(
     batch_size: Annotated[int, Opt(min=1, max=65_536)] = 32,
     device: Annotated[str, Opt()] = "auto",
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of text.")] = False,
+    batch_invariant: Annotated[
+        bool, Opt(help="Each image's answer exactly as if it ran alone (CPU; slower).")
+    ] = False,
 ) -> None:
     """Top-k class names with probabilities for images, from saved tasks (or routed: auto)."""
     from piggyback.predict import predict_files
     from piggyback.predictor import AUTO, Predictor
 
     load = None if AUTO in task else list(dict.fromkeys(task))  # auto may pick any task
-    predictor = Predictor.from_pretrained(model_dir, device=device, tasks=load)
+    predictor = Predictor.from_pretrained(
+        model_dir, device=device, tasks=load, batch_invariant=batch_invariant
+    )
     found = predict_files(predictor, images, task, top_k=top_k, batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps([{"path": str(p)} | a.to_dict() for p, a in found], indent=2))

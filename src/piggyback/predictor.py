@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,13 @@ class Predictor:
             are frozen (masks packed to bits): the Predictor owns it from now on.
         max_cached_tasks: how many tasks' masked weights stay in memory (None: no limit).
         max_cache_bytes: the same budget in bytes (None: no limit); both apply when both are set.
+        batch_invariant: run the network on one sample at a time (still grouped by task, the
+            task's weights applied once per group), so that each answer is bit for bit the
+            sample's answer alone, whatever else is in the batch. Without it, an answer equals
+            that of the task's own batch of the same samples exactly, but not always that of a
+            batch of one: CPU kernels (oneDNN convolutions, matrix products, vectorized
+            activations such as SiLU) sum or round differently by batch size, in the last bits
+            of float32. Costs the batching speed-up (see `benchmarks/serving.py`).
     """
 
     def __init__(
@@ -86,8 +93,10 @@ class Predictor:
         *,
         max_cached_tasks: int | None = 4,
         max_cache_bytes: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.batch_invariant = batch_invariant
         for name in model.tasks:
             if not model.task(name).is_frozen:
                 model.freeze_task(name)
@@ -106,7 +115,7 @@ class Predictor:
         tasks: Sequence[str] | None = None,
         backbone: nn.Module | None = None,
         channels_last: bool = True,
-        **cache_options: Any,
+        **options: Any,
     ) -> Predictor:
         """A Predictor over a saved model directory (all its tasks, or `tasks`), on `device`.
 
@@ -121,7 +130,7 @@ class Predictor:
         model.to(resolve_device(str(device)))
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        return cls(model, **cache_options)
+        return cls(model, **options)
 
     # -- tasks ----------------------------------------------------------------------------------
 
@@ -270,7 +279,13 @@ class Predictor:
                 task, _sources(model, state), lambda: model.task_tensors(task)
             )
             with model.tensors_applied(task, tensors) as network:
-                return network(batch.to(model.device)), state.class_names
+                return self._run(network, batch.to(model.device)), state.class_names
+
+    def _run(self, network: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
+        """`network(batch)`, or row by row when the answers must not depend on the batch."""
+        if not self.batch_invariant or len(batch) == 1:
+            return network(batch)
+        return torch.cat([network(row) for row in batch.split(1)])
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
         wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
@@ -332,7 +347,8 @@ class Predictor:
             if key not in by_key:
                 batch = prepared.batch(indices, profile.preprocess).to(self.model.device)
                 with torch.inference_mode():
-                    by_key[key] = self.model.backbone_features(batch).float().cpu()
+                    features = self._run(self.model.backbone_features, batch)
+                    by_key[key] = features.float().cpu()
             out[name] = by_key[key]
         return out
 
