@@ -1,9 +1,10 @@
 """Serving many tasks from one backbone: memory, task switches, mixed batches, routing.
 
 Measured side by side in one run with the `Predictor`:
-- memory: resident memory of a process holding one backbone and 1 / 10 / 50 loaded (packed)
-  tasks, each configuration in a fresh subprocess, against the bytes the tasks' files hold, and
-  the Predictor's own accounting; then with 4 tasks' masked weights cached;
+- memory: resident memory (also after `malloc_trim`) of a process holding one backbone and
+  1 / 10 / 50 loaded (packed) tasks, each configuration in a fresh subprocess, against the bytes
+  the tasks' files hold and the Predictor's own accounting; then with 4 tasks' masked weights
+  cached;
 - task switch, batch 1: a forward pass of a task whose masked weights are not cached (cold:
   unpack the bits, W * mask) against one whose are (warm), interleaved, median;
 - mixed-task batches: a batch of 32 spread over 4 cached tasks against a batch of 32 of one task,
@@ -23,6 +24,8 @@ EfficientNet-Lite0 its real ones. Task masks are random (uniform score init), 10
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import statistics
@@ -114,6 +117,15 @@ def rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def trimmed_rss() -> int:
+    """RSS after glibc hands freed heap back to the OS (`malloc_trim`): the memory the loaded
+    objects hold, without the allocator's free pages left by transient copies while loading
+    (kept for reuse: the next load takes them). Plain RSS where glibc is absent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss()
+
+
 def memory_child(args: argparse.Namespace) -> None:
     """In a fresh process: resident memory of the backbone, then of `count` loaded tasks."""
     directory = args.memory_child
@@ -122,15 +134,16 @@ def memory_child(args: argparse.Namespace) -> None:
     x = torch.randn(1, 3, args.image_size, args.image_size)
     with torch.inference_mode():
         model.backbone_features(x)  # allocator and kernel warm-up before the baseline
-    before = rss()
+    before = trimmed_rss()
     names = [f"t{i:02d}" for i in range(args.count)]
     for name in names:
         model.load_task(directory / "tasks" / f"{name}.safetensors")
     loaded = rss()
+    live = trimmed_rss()
     accounted = predictor.memory()
     for name in names[:CACHED]:
         predictor.logits(x, name)
-    cached = rss()
+    cached = trimmed_rss()
     files = sum((directory / "tasks" / f"{n}.safetensors").stat().st_size for n in names)
     print(
         json.dumps(
@@ -138,11 +151,12 @@ def memory_child(args: argparse.Namespace) -> None:
                 "tasks": args.count,
                 "rss_backbone": before,
                 "rss_tasks": loaded - before,
+                "rss_tasks_trimmed": live - before,
                 "file_bytes": files,
                 "accounted_tasks_bytes": accounted["tasks_bytes"],
                 "accounted_backbone_bytes": accounted["backbone_bytes"],
                 "cached_tasks": len(predictor.cache_info().tasks),
-                "rss_cache": cached - loaded,
+                "rss_cache": cached - live,
                 "accounted_cache_bytes": predictor.memory()["cache_bytes"],
             }
         )
@@ -159,6 +173,7 @@ def memory(name: str, directory: Path, args: argparse.Namespace) -> list[dict[st
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["rss_per_task"] = row["rss_tasks"] / count
+        row["rss_per_task_trimmed"] = row["rss_tasks_trimmed"] / count
         row["file_bytes_per_task"] = row["file_bytes"] / count
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -288,7 +303,7 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.image_size} px, CPU float32, {args.threads} torch threads, channels-last; "
         f"{NUM_CLASSES}-class heads; medians of {args.repeats} repeats.",
         "",
-        "| model | tasks | RSS of tasks (MiB) | per task: RSS / packed file (MiB) "
+        "| model | tasks | RSS of tasks (MiB) | per task: RSS / trimmed RSS / packed file (MiB) "
         "| accounted (MiB) "
         f"| + {CACHED} cached: RSS / accounted (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -297,7 +312,8 @@ def report_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         for row in r["memory"]:
             lines.append(
                 f"| {name} | {row['tasks']} | {mib(row['rss_tasks'])} | "
-                f"{mib(row['rss_per_task'])} / {mib(row['file_bytes_per_task'])} | "
+                f"{mib(row['rss_per_task'])} / {mib(row['rss_per_task_trimmed'])} / "
+                f"{mib(row['file_bytes_per_task'])} | "
                 f"{mib(row['accounted_tasks_bytes'])} | "
                 f"{mib(row['rss_cache'])} / {mib(row['accounted_cache_bytes'])} |"
             )

