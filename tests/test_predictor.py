@@ -103,6 +103,34 @@ def test_batch_invariant_mixed_batch_equals_each_sample_run_alone_exactly(tmp_pa
     assert [answer.to_dict() for answer in mixed] == [answer.to_dict() for answer in alone]
 
 
+class WideCNN(torch.nn.Module):
+    """1024 pooled features: wide enough that a batched matrix product rounds otherwise than a
+    one-row product (16 features, as TinyCNN has, agree by chance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1024, 4, stride=4)
+        self.fc = torch.nn.Linear(1024, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_batch_invariant_routing_by_wide_prototypes_equals_each_image_alone():
+    torch.manual_seed(0)
+    model = PiggybackModel(WideCNN().eval())
+    for seed, task in enumerate(("x", "y")):
+        model.add_task(task, 3, class_names=CLASSES, seed=seed)
+        model.task(task).metadata.preprocess = dict(PREPROCESS)
+        prototypes = torch.randn(32, 1024, generator=torch.Generator().manual_seed(seed))
+        model.task(task).routing = RoutingProfile(prototypes, dict(PREPROCESS), 32)
+    predictor = Predictor(model, batch_invariant=True)
+    images = batch(3, count=8)
+    routed = predictor.predict(images, "auto", top_k=3)
+    alone = [predictor.predict(images[i : i + 1], "auto", top_k=3)[0] for i in range(8)]
+    assert [a.to_dict() for a in routed] == [a.to_dict() for a in alone]
+
+
 def test_each_task_of_a_mixed_batch_runs_once(tmp_path):
     predictor = load(saved_tasks(tmp_path))
     calls = []
@@ -412,3 +440,20 @@ def test_concurrent_calls_with_different_tasks_equal_sequential_calls(tmp_path):
         thread.join()
     assert failures == []
     assert predictor.cache_info().misses > 3  # one cached task: the threads kept evicting
+
+
+def test_a_source_changed_while_its_tensors_are_computed_is_not_cached_as_current():
+    """Versions are read before computing: an in-place change made meanwhile (training in
+    another thread) makes the next lookup recompute instead of serving the older result."""
+    from piggyback.task_cache import TaskCache
+
+    cache, score = TaskCache(max_tasks=2), torch.zeros(3)
+
+    def compute_while_changed() -> list[torch.Tensor]:
+        result = [score * 2]
+        score.add_(1)  # changed after it was read
+        return result
+
+    cache.get("t", [score], compute_while_changed)
+    assert cache.get("t", [score], lambda: [score * 2])[0].tolist() == [2.0, 2.0, 2.0]
+    assert cache.info().misses == 2

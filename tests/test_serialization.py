@@ -319,6 +319,7 @@ def test_file_round_trip_preserves_any_mask(tmp_path, kind, seed, names):
     assert fresh.task("t").class_names == names
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux /proc/self/maps")
 @pytest.mark.parametrize("codec", ["packed", "zstd"])
 def test_a_loaded_task_keeps_no_part_of_its_file_mapped(tmp_path, images, codec):
     """A tensor kept from the file's memory map would keep the whole file resident (its head

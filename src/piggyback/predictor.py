@@ -326,7 +326,8 @@ class Predictor:
         missing = [name for name, profile in profiles.items() if profile is None]
         if not missing:
             features = self._routing_features(prepared, indices, profiles)
-            return dict(zip(indices, route_by_prototypes(features, profiles), strict=True)), {}
+            routes = route_by_prototypes(features, profiles, row_by_row=self.batch_invariant)
+            return dict(zip(indices, routes, strict=True)), {}
         self._warn_fallback(missing)
         answers = {name: self._probabilities(name, prepared, indices) for name in names}
         routes = route_by_entropy({name: probs for name, (probs, _) in answers.items()})

@@ -1,5 +1,6 @@
 """An LRU cache of the tensors a task puts into the backbone (W * mask, for every masked weight),
-kept by a `Predictor` for the tasks it serves.
+kept by a `Predictor` for the tasks it serves (and, with room for one task, by the model itself
+for its active task in eval mode).
 
 Computing a task's masked weights costs about one forward pass (unpacking P bits and multiplying
 P weights); keeping them costs 32 bits per weight, i.e. as much memory as the backbone. So the most
@@ -109,8 +110,9 @@ class TaskCache:
                 self.hits += 1
                 return entry.tensors
             self.misses += 1
+        versions = tuple(_version(s) for s in sources)  # before: a change while computing misses
         tensors = compute()
-        entry = _Entry(tuple(sources), tuple(_version(s) for s in sources), tensors)
+        entry = _Entry(tuple(sources), versions, tensors)
         entry.nbytes = _new_bytes(tensors, sources)
         with self._lock:
             self._entries.pop(name, None)
