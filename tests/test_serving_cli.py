@@ -47,7 +47,7 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIGGYBACK_API_KEY": "k"}
     command = [sys.executable, "-m", "piggyback.cli", "serve", str(model_dir), "--port", str(port)]
     process = subprocess.Popen(
-        [*command, "--threads", "1", "--device", "cpu"],
+        [*command, "--threads", "1", "--device", "cpu", "--batch-invariant"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,3 +71,4 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert f"serving 2 task(s) of {model_dir} on http://127.0.0.1:{port}" in output
+    assert "batch-invariant" in output

@@ -52,6 +52,9 @@ def serve_command(
     max_cached_tasks: Annotated[
         int, Opt(help="Tasks whose masked weights stay computed in memory (LRU).")
     ] = 4,
+    batch_invariant: Annotated[
+        bool, Opt(help="Each image answered exactly as if sent alone, whatever it is batched with.")
+    ] = False,
     ray: Annotated[
         bool, Opt("--ray", help="Serve on Ray Serve (replicas behind its HTTP proxy).")
     ] = False,
@@ -65,7 +68,7 @@ def serve_command(
             f"serving needs the 'serve' extra ({error.name} is missing): "
             "pip install 'piggyback[serve]'"
         ) from error
-    from piggyback.training.run import resolve_device
+    from piggyback.device import resolve_device
 
     settings = ServeSettings(
         max_batch_size=max_batch_size,
@@ -80,6 +83,7 @@ def serve_command(
         "device": str(resolve_device(device)),
         "threads": threads,
         "max_cached_tasks": max_cached_tasks,
+        "batch_invariant": batch_invariant,
     }
     if ray:
         from piggyback.serving.ray_app import run_on_ray

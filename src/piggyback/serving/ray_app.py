@@ -44,10 +44,14 @@ class PiggybackDeployment:
         device: str,
         threads: int | None,
         max_cached_tasks: int | None,
+        batch_invariant: bool = False,
     ) -> None:
         configure_threads(threads)
         self.engine = Predictor.from_pretrained(
-            model_dir, device=device, max_cached_tasks=max_cached_tasks
+            model_dir,
+            device=device,
+            max_cached_tasks=max_cached_tasks,
+            batch_invariant=batch_invariant,
         )
         self.settings = ServeSettings(**settings)
         self.metrics = Metrics()
@@ -82,6 +86,7 @@ def build(
     device: str = "cpu",
     threads: int | None = None,
     max_cached_tasks: int | None = 4,
+    batch_invariant: bool = False,
     num_cpus: float = 1.0,
 ):
     """The bound deployment (for `serve.run`): `replicas` copies, `num_cpus` each."""
@@ -95,7 +100,12 @@ def build(
     if device.startswith("cuda"):
         options["ray_actor_options"]["num_gpus"] = 1
     return PiggybackDeployment.options(**options).bind(
-        str(Path(model_dir).resolve()), asdict(settings), device, threads, max_cached_tasks
+        str(Path(model_dir).resolve()),
+        asdict(settings),
+        device,
+        threads,
+        max_cached_tasks,
+        batch_invariant,
     )
 
 
@@ -109,6 +119,7 @@ def run_on_ray(
     device: str = "cpu",
     threads: int | None = None,
     max_cached_tasks: int | None = 4,
+    batch_invariant: bool = False,
 ) -> None:
     """Start (or join) Ray, serve the model behind Ray Serve's proxy, and wait until Ctrl-C."""
     import ray
@@ -122,6 +133,7 @@ def run_on_ray(
         device=device,
         threads=threads,
         max_cached_tasks=max_cached_tasks,
+        batch_invariant=batch_invariant,
     )
     serve.run(deployment, route_prefix="/")
     print(f"serving {model_dir} on Ray Serve at http://{host}:{port} ({replicas} replicas)")

@@ -55,22 +55,25 @@ def serve(
     device: str = "cpu",
     threads: int | None = None,
     max_cached_tasks: int | None = 4,
+    batch_invariant: bool = False,
     settings: ServeSettings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load the model directory and answer HTTP requests until interrupted."""
+    """Load the model directory and answer HTTP requests until interrupted
+    (`batch_invariant`: see `Predictor`)."""
     import uvicorn
 
     from piggyback.predictor import Predictor
 
     count = configure_threads(threads)
     predictor = Predictor.from_pretrained(
-        model_dir, device=device, max_cached_tasks=max_cached_tasks
+        model_dir, device=device, max_cached_tasks=max_cached_tasks, batch_invariant=batch_invariant
     )
     app = create_app(predictor, settings or ServeSettings.with_env_key())
     print(
         f"serving {len(predictor.tasks)} task(s) of {model_dir} on http://{host}:{port} "
-        f"({device}, {count} torch thread(s); API docs at /docs)",
+        f"({device}, {count} torch thread(s){', batch-invariant' if batch_invariant else ''}; "
+        "API docs at /docs)",
         flush=True,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
