@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +78,9 @@ class Predictor:
             are frozen (masks packed to bits): the Predictor owns it from now on.
         max_cached_tasks: how many tasks' masked weights stay in memory (None: no limit).
         max_cache_bytes: the same budget in bytes (None: no limit); both apply when both are set.
-        batch_invariant: run the network on one sample at a time (still grouped by task, the
-            task's weights applied once per group), so that each answer is bit for bit the
-            sample's answer alone, whatever else is in the batch. Without it, an answer equals
+        batch_invariant: answer each image of a call as if it came alone (routing included),
+            so that each answer is bit for bit the image's answer alone, whatever else is in the
+            batch (cached task weights make the extra calls cheap). Without it, an answer equals
             that of the task's own batch of the same samples exactly, but not always that of a
             batch of one: CPU kernels (oneDNN convolutions, matrix products, vectorized
             activations such as SiLU) sum or round differently by batch size, in the last bits
@@ -234,6 +234,9 @@ class Predictor:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         items = as_image_list(images)
         wanted = self._assignment(tasks, len(items))
+        if self.batch_invariant and len(items) > 1:  # each image exactly as if it came alone
+            pairs = zip(items, wanted, strict=True)
+            return [self.predict([item], [task], top_k=top_k)[0] for item, task in pairs]
         prepared = PreparedImages(items, self._transform)
         results: list[TaskPrediction | None] = [None] * len(items)
         routes: dict[int, Route] = {}
@@ -279,13 +282,7 @@ class Predictor:
                 task, _sources(model, state), lambda: model.task_tensors(task)
             )
             with model.tensors_applied(task, tensors) as network:
-                return self._run(network, batch.to(model.device)), state.class_names
-
-    def _run(self, network: Callable[[Tensor], Tensor], batch: Tensor) -> Tensor:
-        """`network(batch)`, or row by row when the answers must not depend on the batch."""
-        if not self.batch_invariant or len(batch) == 1:
-            return network(batch)
-        return torch.cat([network(row) for row in batch.split(1)])
+                return network(batch.to(model.device)), state.class_names
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
         wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
@@ -326,8 +323,7 @@ class Predictor:
         missing = [name for name, profile in profiles.items() if profile is None]
         if not missing:
             features = self._routing_features(prepared, indices, profiles)
-            routes = route_by_prototypes(features, profiles, row_by_row=self.batch_invariant)
-            return dict(zip(indices, routes, strict=True)), {}
+            return dict(zip(indices, route_by_prototypes(features, profiles), strict=True)), {}
         self._warn_fallback(missing)
         answers = {name: self._probabilities(name, prepared, indices) for name in names}
         routes = route_by_entropy({name: probs for name, (probs, _) in answers.items()})
@@ -348,8 +344,7 @@ class Predictor:
             if key not in by_key:
                 batch = prepared.batch(indices, profile.preprocess).to(self.model.device)
                 with torch.inference_mode():
-                    features = self._run(self.model.backbone_features, batch)
-                    by_key[key] = features.float().cpu()
+                    by_key[key] = self.model.backbone_features(batch).float().cpu()
             out[name] = by_key[key]
         return out
 

@@ -130,24 +130,13 @@ def read_routing_profile(
 
 
 def route_by_prototypes(
-    features: Mapping[str, Tensor],
-    profiles: Mapping[str, RoutingProfile],
-    *,
-    row_by_row: bool = False,
+    features: Mapping[str, Tensor], profiles: Mapping[str, RoutingProfile]
 ) -> list[Route]:
     """For each input, the task whose nearest class prototype is most similar.
 
     `features[task]`: the inputs' frozen-backbone features prepared as that task's prototypes
     were (tasks usually share one tensor). Confidence: softmax over tasks at `TEMPERATURE`.
-    `row_by_row`: each input scored alone, so that its route does not depend on the others in
-    the batch (a matrix product rounds otherwise for one row than for several).
     """
-    if row_by_row:
-        rows = len(next(iter(features.values())))
-        return [
-            route_by_prototypes({name: f[i : i + 1] for name, f in features.items()}, profiles)[0]
-            for i in range(rows)
-        ]
     names = list(profiles)
     scores = torch.stack([profiles[name].scores(features[name]) for name in names], dim=1)
     confidence = (scores / TEMPERATURE).softmax(dim=1)
