@@ -18,6 +18,7 @@ from test_model import train_steps
 from piggyback import PiggybackModel, Predictor, TaskError
 from piggyback.errors import DataError, TaskFileError
 from piggyback.fileio import content_checksum
+from piggyback.inputs import preprocess_key
 from piggyback.packing import packed_size
 from piggyback.predictor import TaskPrediction
 from piggyback.preprocess import Preprocess
@@ -278,6 +279,44 @@ def test_images_as_pil_paths_bytes_or_tensors_use_each_tasks_preprocessing(tmp_p
     assert len(answers) == 2 and answers[0] == answers[1]
 
 
+def picture_of(seed: int, size=(30, 40)) -> Image.Image:
+    pixels = torch.randint(0, 256, (*size, 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+def test_prepared_images_are_answered_exactly_as_the_pictures_they_came_from():
+    model = tasks_model(("a", "b", "c"))
+    model.task("b").metadata.preprocess = PREPROCESS | {"image_size": 20, "resize_size": 24}
+    predictor = Predictor(model)
+    pictures = [picture_of(seed) for seed in range(4)]
+    tasks = ["a", "b", "c", "b"]
+    both = predictor.prepare(pictures[0], ["a", "b", "c"])
+    assert len(both.inputs) == 2  # a and c share one preprocessing: made once
+    prepared = [predictor.prepare(p, t) for p, t in zip(pictures, tasks, strict=True)]
+    expected = predictor.predict(pictures, tasks, top_k=3)
+    assert predictor.predict(prepared, tasks, top_k=3) == expected
+    # Prepared for another task than the one asked: the missing input is made from the picture.
+    alone = predictor.predict(pictures[0], "b", top_k=3)
+    assert predictor.predict(prepared[0], "b", top_k=3) == alone
+    tensor = Preprocess.from_dict(predictor.preprocess("a")).transform()(pictures[0])
+    as_given = predictor.prepare(tensor, "b")  # a preprocessed tensor is used as given
+    assert as_given.inputs == {} and as_given.picture is tensor
+    with pytest.raises(TaskError, match=r"unknown task\(s\) \['z'\]"):
+        predictor.prepare(pictures[0], ["a", "z"])
+
+
+def test_images_prepared_for_auto_carry_every_input_routing_may_need():
+    model = tasks_model(("a", "b"))
+    model.task("b").metadata.preprocess = PREPROCESS | {"image_size": 20, "resize_size": 24}
+    predictor = Predictor(model)
+    pictures = [picture_of(seed) for seed in range(3)]
+    prepared = [predictor.prepare(p, "auto") for p in pictures]
+    assert all(len(p.inputs) == 2 for p in prepared)
+    with pytest.warns(NoRoutingProfileWarning):
+        expected = predictor.predict(pictures, "auto", top_k=3)
+    assert predictor.predict(prepared, "auto", top_k=3) == expected
+
+
 def test_bad_inputs_and_task_lists_are_refused_with_a_clear_error(tmp_path):
     predictor = Predictor(tasks_model(("a",)))
     with pytest.raises(DataError, match=r"missing\.png"):
@@ -353,6 +392,9 @@ def test_auto_routes_each_image_to_the_task_of_its_domain(tmp_path):
         expected = reference(model, answer.task, image[None])[0]
         assert torch.allclose(torch.tensor(probabilities(answer)), expected, atol=1e-6)
     mixed = predictor.predict(images[:3], ["blue", "auto", "red"])
+    model.task("red").routing.preprocess = PREPROCESS | {"image_size": 12, "resize_size": 14}
+    routing_input = preprocess_key(model.task("red").routing.preprocess)
+    assert routing_input in Predictor(model).prepare(picture_of(0), "auto").inputs
     assert [(a.task, a.routed) for a in mixed] == [("blue", False), ("blue", True), ("red", False)]
 
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from serving_fixtures import TASKS, image_bytes, open_image, save_two_task_model
 
 from piggyback import PiggybackModel, Predictor
+from piggyback.inputs import PreparedImage, preprocess_key
 from piggyback.predict import eval_transform
 from piggyback.serving.app import ServeSettings, create_app
 
@@ -129,6 +130,28 @@ def test_concurrent_clients_share_batches_and_metrics_count_them(engine):
     assert sum(int(k) * v for k, v in metrics["batches"]["sizes"].items()) == 6
     assert metrics["batches"]["max_size"] > 1  # requests from different clients shared a batch
     assert {t: m["requests"] for t, m in metrics["tasks"].items()} == {"colours": 3, "digits": 3}
+
+
+def test_images_reach_the_batch_decoded_and_preprocessed_by_the_request_threads(engine):
+    seen = []
+
+    class Spy:  # the engine, recording what each batch receives
+        tasks = engine.tasks
+        task_description, prepare = engine.task_description, engine.prepare
+
+        def predict(self, images, tasks, *, top_k):
+            seen.extend(images)
+            return engine.predict(images, tasks, top_k=top_k)
+
+    with TestClient(create_app(Spy(), ServeSettings(max_batch_size=4))) as client:
+        data = image_bytes(5)
+        answer = upload(client, data, task="digits", top_k="2").json()["results"][0]
+        auto = upload(client, data, task="auto").json()["results"][0]
+    key = preprocess_key(engine.preprocess("digits"))
+    assert isinstance(seen[0], PreparedImage) and set(seen[0].inputs) == {key}
+    assert answer["task"] == "digits" and auto["task"] in TASKS
+    expected = engine.predict([open_image(data)], ["digits"], top_k=2)[0]
+    assert [p["label"] for p in answer["predictions"]] == [c for c, _ in expected.top]
 
 
 def test_openapi_documents_the_routes_and_both_request_bodies(client):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -21,9 +22,26 @@ from torch import Tensor
 from piggyback.errors import DataError
 from piggyback.images import decode_image
 
-#: One image: a PIL image, a path, the bytes of an encoded file, or a preprocessed CHW tensor.
-ImageInput = Union[Image.Image, str, os.PathLike, bytes, Tensor]  # noqa: UP007 (runtime alias)
 Transform = Callable[[Image.Image], Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A picture decoded once, with the network inputs already made from it, by preprocessing.
+
+    `Predictor.prepare` makes these where CPU time is to spare (a server's decoding threads),
+    so that the one thread running the network does not also resize and normalize. `predict`
+    takes one as an image: it uses the inputs it finds and makes any other from `picture`
+    (a task replaced meanwhile, the task an image was routed to).
+    """
+
+    picture: Image.Image | Tensor
+    inputs: dict[str, Tensor] = field(default_factory=dict)  # preprocess_key -> CHW tensor
+
+
+#: One image: a PIL image, a path, the bytes of an encoded file, a preprocessed CHW tensor, or
+#: a PreparedImage.
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, Tensor, PreparedImage]  # noqa: UP007
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -37,7 +55,7 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
             f"an image tensor must be CHW or NCHW, got shape {tuple(images.shape)}: "
             "preprocess images first, or pass PIL images, paths or bytes"
         )
-    if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray):
+    if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray | PreparedImage):
         return [images]
     return list(images)
 
@@ -64,13 +82,37 @@ def preprocess_key(preprocess: dict[str, Any]) -> str:
     return json.dumps(preprocess, sort_keys=True)
 
 
+def prepare_image(
+    image: ImageInput,
+    preprocesses: Iterable[dict[str, Any]],
+    transform: Callable[[dict[str, Any]], Transform],
+) -> PreparedImage:
+    """`image` decoded, with one input per distinct preprocessing (a tensor is used as given)."""
+    if isinstance(image, PreparedImage):
+        picture, inputs = image.picture, dict(image.inputs)
+    else:
+        picture, inputs = decode(image), {}
+    if not isinstance(picture, Tensor):
+        for preprocess in preprocesses:
+            key = preprocess_key(preprocess)
+            if key not in inputs:
+                inputs[key] = transform(preprocess)(picture)
+    return PreparedImage(picture, inputs)
+
+
 class PreparedImages:
     """The pictures of one request, decoded once, with each preprocessing applied at most once."""
 
     def __init__(self, images: list[ImageInput], transform: Callable[[dict], Transform]) -> None:
-        self.pictures = [decode(image) for image in images]
+        self.pictures: list[Image.Image | Tensor] = []
         self._transform = transform
         self._done: dict[tuple[int, str], Tensor] = {}
+        for index, image in enumerate(images):
+            if isinstance(image, PreparedImage):
+                self.pictures.append(image.picture)
+                self._done.update({(index, key): t for key, t in image.inputs.items()})
+            else:
+                self.pictures.append(decode(image))
 
     def __len__(self) -> int:
         return len(self.pictures)

@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from piggyback.data import ImageDataset
-from piggyback.errors import DataError, TaskError
+from piggyback.errors import DataError
 from piggyback.preprocess import eval_transform, resolve_preprocess
+from piggyback.task_prediction import class_names
 
 if TYPE_CHECKING:
     from piggyback.model import PiggybackModel
-    from piggyback.predictor import Predictor, TaskPrediction
+    from piggyback.predictor import Predictor
+    from piggyback.task_prediction import TaskPrediction
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -135,7 +137,7 @@ def predict(
     with torch.inference_mode():
         for images, indices in loader:
             probs = network(images.to(device)).float().softmax(dim=1).cpu()
-            names = _class_names(state.class_names, probs.shape[1], state.task_name)
+            names = class_names(state.class_names, probs.shape[1], state.task_name)
             values, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
             for index, row_values, row_classes in zip(
                 indices.tolist(), values.tolist(), classes.tolist(), strict=True
@@ -143,14 +145,6 @@ def predict(
                 top = [(names[c], v) for c, v in zip(row_classes, row_values, strict=True)]
                 results.setdefault(index, Prediction(files[index], top))
     return [results[i] for i in sorted(results)]
-
-
-def _class_names(names: list[str] | None, count: int, task: str) -> list[str]:
-    if names is None:
-        return [str(i) for i in range(count)]
-    if len(names) != count:
-        raise TaskError(f"task {task!r} has {len(names)} class names for {count} outputs")
-    return names
 
 
 # -- many tasks -------------------------------------------------------------------------------

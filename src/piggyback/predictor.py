@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from piggyback.errors import TaskError
-from piggyback.inputs import ImageInput, PreparedImages, Transform, as_image_list, preprocess_key
+from piggyback.inputs import (
+    ImageInput,
+    PreparedImage,
+    PreparedImages,
+    Transform,
+    as_image_list,
+    prepare_image,
+    preprocess_key,
+)
 from piggyback.model import PiggybackModel
 from piggyback.routing import (
     AUTO,
@@ -34,40 +41,10 @@ from piggyback.routing import (
     route_by_prototypes,
 )
 from piggyback.task_cache import CacheInfo, TaskCache
+from piggyback.task_prediction import TaskPrediction, class_names
 from piggyback.tasks import TaskState
 
 __all__ = ["AUTO", "Predictor", "TaskPrediction"]
-
-
-@dataclass(frozen=True)
-class TaskPrediction:
-    """One image's answer from one task: the `top` classes as (name, probability), best first.
-
-    `routed` is True when the task was chosen by `tasks="auto"`; then `confidence` is the routing
-    confidence (see `piggyback.routing`) and `routed_by` the method ("prototypes" or "entropy").
-    """
-
-    task: str
-    top: list[tuple[str, float]]
-    confidence: float | None = None
-    routed: bool = False
-    routed_by: str | None = None
-
-    @property
-    def label(self) -> str:
-        """The most probable class."""
-        return self.top[0][0]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: {"task", "top": [{"class", "probability"}]}, plus the routing when routed."""
-        out: dict[str, Any] = {
-            "task": self.task,
-            "top": [{"class": name, "probability": prob} for name, prob in self.top],
-        }
-        if self.routed:
-            out["confidence"] = self.confidence
-            out["routed_by"] = self.routed_by
-        return out
 
 
 class Predictor:
@@ -147,7 +124,7 @@ class Predictor:
             "task": name,
             "method": state.method_name,
             "num_classes": num_classes,
-            "classes": _class_names(state.class_names, num_classes, name),
+            "classes": class_names(state.class_names, num_classes, name),
             "preprocess": self.preprocess(name),
             "results": state.metadata.results,
             "routing": profile.describe() if profile is not None else None,
@@ -216,6 +193,23 @@ class Predictor:
         return self.task_cache.info()
 
     # -- predicting -----------------------------------------------------------------------------
+
+    def prepare(self, image: ImageInput, tasks: str | Sequence[str] = AUTO) -> PreparedImage:
+        """`image` decoded and preprocessed for `tasks` (names, or "auto": every preprocessing
+        routing may need), for `predict` to take as an image. Answers are the same with or
+        without it; a server calls it in its decoding threads so that the thread running the
+        network does nothing else (`benchmarks/serve_load.py`)."""
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        self._assignment(names, len(names))  # unknown names fail here, not in the batch
+        return prepare_image(image, self._preprocesses(names), self._transform)
+
+    def _preprocesses(self, names: list[str]) -> list[dict[str, Any]]:
+        wanted = [name for name in names if name != AUTO]
+        if AUTO in names:  # routing's own inputs, then any task's (the chosen one's)
+            profiles = [self.model.task(name).routing for name in self.tasks]
+            wanted += self.tasks
+            return [p.preprocess for p in profiles if p] + [self.preprocess(n) for n in wanted]
+        return [self.preprocess(name) for name in wanted]
 
     def predict(
         self,
@@ -305,7 +299,7 @@ class Predictor:
     def _answer(
         self, task: str, row: Tensor, names: list[str] | None, top_k: int, route: Route | None
     ) -> TaskPrediction:
-        names = _class_names(names, row.numel(), task)
+        names = class_names(names, row.numel(), task)
         values, classes = row.topk(min(top_k, row.numel()))
         top = [(names[c], v) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         if route is None:
@@ -371,16 +365,6 @@ def _groups(chosen: list[str], skip: set[int]) -> dict[str, list[int]]:
         if index not in skip:
             groups.setdefault(task, []).append(index)
     return groups
-
-
-def _class_names(names: list[str] | None, count: int | None, task: str) -> list[str] | None:
-    if count is None:
-        return names
-    if names is None:
-        return [str(i) for i in range(count)]
-    if len(names) != count:
-        raise TaskError(f"task {task!r} has {len(names)} class names for {count} outputs")
-    return names
 
 
 def _task_tensors(state: TaskState) -> list[Tensor]:

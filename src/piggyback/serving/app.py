@@ -55,6 +55,10 @@ class Engine(Protocol):
         """One `TaskPrediction` per image; `tasks[i]` is a task name or "auto"."""
         ...
 
+    def prepare(self, image: Any, tasks: list[str]) -> Any:
+        """The image preprocessed for `tasks` ahead of `predict` (in a decoding thread)."""
+        ...
+
 
 #: (images, tasks, top_k) -> answers, awaited; the DynamicBatcher's or Ray Serve's batching.
 Submit = Callable[[Sequence[Any], Sequence[str], int], Awaitable[list[Any]]]
@@ -228,7 +232,7 @@ def _add_routes(
         """
         started = time.perf_counter()
         with arriving:
-            images, tasks, top_k = await _read_and_decode(request, settings, known)
+            images, tasks, top_k = await _read_and_decode(request, settings, engine)
         pairs = [(i, task) for i in range(len(images)) for task in tasks]
         answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
         results = [
@@ -241,10 +245,13 @@ def _add_routes(
 
 
 async def _read_and_decode(
-    request: Request, settings: ServeSettings, known: set[str]
+    request: Request, settings: ServeSettings, engine: Engine
 ) -> tuple[list[Any], list[str], int]:
-    """The decoded images, tasks and top_k of a predict request, checked against the limits."""
+    """The images (decoded and preprocessed), tasks and top_k of a predict request, checked
+    against the limits. The decoding threads preprocess too: the one thread that runs the
+    network should do nothing else, it is what every request waits for."""
     data = await read_predict_request(request, default_top_k=settings.default_top_k)
+    known = set(engine.tasks)
     unknown = [t for t in data.tasks if t != AUTO and t not in known]
     if unknown:
         raise RequestError(
@@ -263,10 +270,16 @@ async def _read_and_decode(
             "(--max-batch-size): split the request",
         )
     images = [
-        await run_in_threadpool(decode_upload, raw, i, max_pixels=settings.max_image_pixels)
+        await run_in_threadpool(_prepared, engine, raw, i, data.tasks, settings.max_image_pixels)
         for i, raw in enumerate(data.images)
     ]
     return images, data.tasks, data.top_k
+
+
+def _prepared(engine: Engine, raw: bytes, index: int, tasks: list[str], max_pixels: int) -> Any:
+    """The upload decoded and preprocessed for its tasks. Measured on 2 cores (load test,
+    5 interleaved runs, with and without): 5-8% more requests/s, batched or one at a time."""
+    return engine.prepare(decode_upload(raw, index, max_pixels=max_pixels), tasks)
 
 
 class _Counter:

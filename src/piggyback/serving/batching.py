@@ -7,9 +7,9 @@ read once, the matrix products are larger), so the server gathers what arrives w
 fills up, so under load batches grow by themselves. The wait is only paid when a request is on
 its way (`pending()`: accepted, still being read or decoded): a lone client never waits.
 
-Inference runs in one worker thread: the event loop keeps accepting, decoding and answering
-requests meanwhile, and one forward pass at a time gets all of torch's threads (two passes at
-once would only take turns on the model's weight-swap lock).
+Inference runs in one worker thread: the event loop keeps accepting, decoding, preprocessing
+and answering requests meanwhile, and one forward pass at a time gets all of torch's threads
+(two passes at once would only take turns on the model's weight-swap lock).
 """
 
 from __future__ import annotations
