@@ -135,6 +135,27 @@ def test_predict_routes_with_auto_and_answers_with_several_tasks(trained_dir, ti
     assert {row["routed_by"] for row in auto} == {"entropy"}  # 'copy' has no prototypes
 
 
+def test_warnings_reach_the_terminal_as_one_line_without_source_paths(
+    trained_dir, tiny_data, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    directory = copied_with_a_second_task(trained_dir, tmp_path)
+    folder = tiny_data / "test" / "class_0"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+    command = [sys.executable, "-m", "piggyback.cli", "predict", str(directory), str(folder)]
+    out = subprocess.run(
+        [*command, "--task", "auto", "--json"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if "routing prototypes" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: task(s) ['copy'] have no routing")
+    assert ".py:" not in out.stderr and "warnings.warn" not in out.stderr
+
+
 def test_route_fit_adds_prototypes_to_a_saved_task(trained_dir, tiny_data, tmp_path):
     from piggyback import Predictor
 

@@ -11,6 +11,7 @@ import errno
 import inspect
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -386,7 +387,20 @@ def _setup(
     tune_allocator()
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """`warning: <message>` for people at a terminal, as errors are one line too; Python's
+    default names the library's file and line and prints its source, which tells them nothing."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:  # pragma: no cover - console entry point
+    warnings.formatwarning = _one_line_warning  # the command line only, not the library
     app(prog_name="piggyback")
 
 
