@@ -233,8 +233,10 @@ def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -
 
     from piggyback import Predictor
     from piggyback.images import decode_image
+    from piggyback.runtime import tune_allocator
     from piggyback.serving.server import default_threads
 
+    tune_allocator()  # as the `piggyback` command does in the servers
     torch.set_num_threads(args.threads or default_threads())
     predictor = Predictor.from_pretrained(model_dir, device="cpu")
     names = predictor.tasks
