@@ -169,3 +169,28 @@ def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
     assert run(infer, one, **batcher_options) < 0.5  # did not wait the 1 s
     on_the_way[0] = 1  # a request still being read: worth waiting for (here in vain)
     assert run(infer, one, **batcher_options) >= 0.9
+
+
+def test_large_batches_get_their_own_torch_thread_count_and_small_ones_the_default():
+    import torch
+
+    from piggyback.serving.server import ThreadsPerBatch
+
+    class Engine:
+        def __init__(self) -> None:
+            self.tasks, self.seen = ["a"], []
+
+        def predict(self, images, tasks, *, top_k):
+            self.seen.append(torch.get_num_threads())
+            return list(images)
+
+    before = torch.get_num_threads()
+    engine = Engine()
+    threaded = ThreadsPerBatch(engine, small=1, large=2, large_from=4)
+    try:
+        for size in (1, 3, 4, 8, 2):
+            assert threaded.predict(list(range(size)), ["a"] * size, top_k=1) == list(range(size))
+    finally:
+        torch.set_num_threads(before)
+    assert engine.seen == [1, 1, 2, 2, 1]
+    assert threaded.tasks == ["a"]

@@ -22,6 +22,7 @@ def test_bad_options_and_missing_model_are_one_line_errors(tmp_path):
     for args, words in [
         (["serve", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
         (["serve", str(tmp_path / "missing")], "not a piggyback model directory"),
+        (["serve", str(tmp_path), "--ray", "--batch-threads", "2"], "not to --ray replicas"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2
@@ -47,7 +48,16 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIGGYBACK_API_KEY": "k"}
     command = [sys.executable, "-m", "piggyback.cli", "serve", str(model_dir), "--port", str(port)]
     process = subprocess.Popen(
-        [*command, "--threads", "1", "--device", "cpu", "--batch-invariant"],
+        [
+            *command,
+            "--threads",
+            "1",
+            "--batch-threads",
+            "1",
+            "--device",
+            "cpu",
+            "--batch-invariant",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,4 +81,4 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert f"serving 2 task(s) of {model_dir} on http://127.0.0.1:{port}" in output
-    assert "batch-invariant" in output
+    assert "1 torch thread(s), 1 for batches of 4 or more, batch-invariant" in output

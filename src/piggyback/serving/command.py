@@ -47,7 +47,12 @@ def serve_command(
         ),
     ] = None,
     threads: Annotated[
-        int | None, Opt(help="Torch threads of inference (default: cores - 1, at least 1).")
+        int | None,
+        Opt(help="Torch threads for batches under 4 images (default: cores - 1, at least 1)."),
+    ] = None,
+    batch_threads: Annotated[
+        int | None,
+        Opt(help="Torch threads for batches of 4 images or more (default: every core)."),
     ] = None,
     max_cached_tasks: Annotated[
         int, Opt(help="Tasks whose masked weights stay computed in memory (LRU).")
@@ -86,10 +91,12 @@ def serve_command(
         "batch_invariant": batch_invariant,
     }
     if ray:
+        if batch_threads is not None:
+            raise ServeError("--batch-threads applies to the local server, not to --ray replicas")
         from piggyback.serving.ray_app import run_on_ray
 
         run_on_ray(model_dir, settings, replicas=replicas, **options)
         return
     from piggyback.serving.server import serve
 
-    serve(model_dir, settings=settings, **options)
+    serve(model_dir, settings=settings, batch_threads=batch_threads, **options)
