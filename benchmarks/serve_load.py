@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch threads per server (default: as piggyback serve)"
     )
+    parser.add_argument(
+        "--batch-threads", type=int, help="for batches of 8+ (default: as piggyback serve)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve-cpu"))
     return parser.parse_args(argv)
 
@@ -123,15 +126,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model_dir: Path, batch_size: int, wait_ms: float, threads: int) -> Iterator[str]:
+def server(
+    model_dir: Path, batch_size: int, wait_ms: float, threads: tuple[int, int]
+) -> Iterator[str]:
     """`piggyback serve` in a subprocess on 127.0.0.1; yields its URL, stops it afterwards."""
     port = free_port()
     command = [
         sys.executable, "-m", "piggyback.cli", "serve", str(model_dir), "--port", str(port),
-        "--device", "cpu", "--threads", str(threads), "--max-batch-size", str(batch_size),
+        "--device", "cpu", "--threads", str(threads[0]), "--batch-threads", str(threads[1]),
+        "--max-batch-size", str(batch_size),
         "--max-wait-ms", str(wait_ms),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads[0])}
     env.pop("PIGGYBACK_API_KEY", None)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -226,7 +232,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
     """What batching buys the model itself, without HTTP, decoding or other clients: the same
     `--max-batch-size` images (tasks cycling) as one mixed-task `Predictor.predict` call against
-    one call per image, in this process with the servers' thread count, interleaved repeats.
+    one call per image, in this process with the servers' thread counts, interleaved repeats.
     The images are prepared first (`Predictor.prepare`), as the server's decoding threads do:
     this is the work of its inference thread."""
     import torch
@@ -234,11 +240,13 @@ def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -
     from piggyback import Predictor
     from piggyback.images import decode_image
     from piggyback.runtime import tune_allocator
-    from piggyback.serving.server import default_threads
+    from piggyback.serving.server import ThreadsPerBatch
 
     tune_allocator()  # as the `piggyback` command does in the servers
-    torch.set_num_threads(args.threads or default_threads())
+    small, large = thread_counts(args)
+    torch.set_num_threads(small)
     predictor = Predictor.from_pretrained(model_dir, device="cpu")
+    engine = ThreadsPerBatch(predictor, small=small, large=large)  # as the servers run it
     names = predictor.tasks
     tasks = [names[i % len(names)] for i in range(args.max_batch_size)]
     pictures = [
@@ -247,11 +255,11 @@ def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -
     ]
 
     def batched() -> None:
-        predictor.predict(pictures, tasks, top_k=5)
+        engine.predict(pictures, tasks, top_k=5)
 
     def one_by_one() -> None:
         for picture, task in zip(pictures, tasks, strict=True):
-            predictor.predict([picture], [task], top_k=5)
+            engine.predict([picture], [task], top_k=5)
 
     batched(), one_by_one()  # warm-up: every task's masked weights cached
     seconds: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
@@ -269,9 +277,7 @@ def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -
 
 
 def measure(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
-    from piggyback.serving.server import default_threads
-
-    threads = args.threads or default_threads()  # as `piggyback serve` sizes it
+    threads = thread_counts(args)
     sizes = {"batched": args.max_batch_size, "one_at_a_time": 1}
     waits = {"batched": args.max_wait_ms, "one_at_a_time": 0.0}
     with contextlib.ExitStack() as stack:
@@ -295,14 +301,28 @@ def measure(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> d
             )
             results[str(clients)] = row
             print(f"{clients:>3} clients: {json.dumps(row)}", flush=True)
-    return {"tasks": tasks, "server_threads": threads, "results": results}
+    return {
+        "tasks": tasks,
+        "server_threads": threads[0],
+        "server_batch_threads": threads[1],
+        "results": results,
+    }
+
+
+def thread_counts(args: argparse.Namespace) -> tuple[int, int]:
+    """Torch threads for small batches and for batches of 8+, as `piggyback serve` sizes them."""
+    from piggyback.serving.server import available_cores, default_threads
+
+    return args.threads or default_threads(), args.batch_threads or available_cores()
 
 
 def write_table(report: dict[str, Any], path: Path) -> None:
     args = report["args"]
     lines = [
         f"{args['tasks']} tasks on {args['backbone']} at {args['image_size']} px, "
-        f"{report['server_threads']} torch thread(s) per server, {args['requests']} requests "
+        f"{report['server_threads']} torch thread(s) per server for batches under 8 images and "
+        f"{report['server_batch_threads']} from 8 (as `piggyback serve` on this machine), "
+        f"{args['requests']} requests "
         f"per run (tasks cycling), median of {args['repeats']} runs; batched: "
         f"--max-batch-size {args['max_batch_size']} --max-wait-ms {args['max_wait_ms']:g}.",
         "",
@@ -320,7 +340,7 @@ def write_table(report: dict[str, Any], path: Path) -> None:
     alone = report["model_only"]
     lines += [
         "",
-        f"The model alone (no HTTP, no decoding or preprocessing, same threads): "
+        f"The model alone (no HTTP, no decoding or preprocessing, the servers' threads): "
         f"{alone['images']} images with "
         f"tasks cycling as one mixed-task `Predictor.predict` call, "
         f"{alone['ms_per_image']['batched']:.1f} ms per image, against one call per image, "

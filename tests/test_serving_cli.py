@@ -81,4 +81,4 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert f"serving 2 task(s) of {model_dir} on http://127.0.0.1:{port}" in output
-    assert "1 torch thread(s), 1 for batches of 4 or more, batch-invariant" in output
+    assert "1 torch thread(s), 1 for batches of 8 or more, batch-invariant" in output

@@ -48,11 +48,11 @@ def serve_command(
     ] = None,
     threads: Annotated[
         int | None,
-        Opt(help="Torch threads for batches under 4 images (default: cores - 1, at least 1)."),
+        Opt(help="Torch threads for batches under 8 images (default: cores - 1, at least 1)."),
     ] = None,
     batch_threads: Annotated[
         int | None,
-        Opt(help="Torch threads for batches of 4 images or more (default: every core)."),
+        Opt(help="Torch threads for batches of 8 images or more (default: every core)."),
     ] = None,
     max_cached_tasks: Annotated[
         int, Opt(help="Tasks whose masked weights stay computed in memory (LRU).")

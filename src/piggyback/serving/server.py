@@ -7,7 +7,7 @@ threads decode images while a batch runs. Left alone, torch would spin a thread 
 and fight the decoding for them (on 2 cores, 2 OpenMP threads competing with other work slow
 each other down many times over). A large batch is different: the requests it answers have
 been read and decoded already, and its forward pass is what every client waits for, so it gets
-`batch_threads`, by default every core (`ThreadsPerBatch`).
+`batch_threads` from 8 images, by default every core (`ThreadsPerBatch`).
 """
 
 from __future__ import annotations
@@ -61,12 +61,14 @@ class ThreadsPerBatch:
     """The engine, with torch's intra-op threads set before each batch by its size: `small`
     below `large_from` images, `large` from it (the batcher runs one batch at a time).
 
-    Measured on 2 cores (`benchmarks/serve_load.py`, 4 Lite0 tasks, 3 interleaved runs): 1 thread
-    for small batches and 2 from 4 images gave 93 requests/s at 32 clients, against 85 with 1
-    thread always and 93 with 2 always; and 53 at 1 client, against 52 and 49.
+    Measured on 2 cores (`benchmarks/serve_load.py`, 4 Lite0 tasks, 3 interleaved runs, requests
+    per second), 1 thread for small batches and 2 from `large_from` images, against 1 always:
+    from 8: 76 vs 73 at 8 clients, 92 vs 88 at 32; from 4: 54 at 8 clients (batches of about 4
+    then run on 2 threads that the event loop also needs), 97 at 32. 2 threads always: 49
+    against 52 at 1 client.
     """
 
-    def __init__(self, engine: Engine, *, small: int, large: int, large_from: int = 4) -> None:
+    def __init__(self, engine: Engine, *, small: int, large: int, large_from: int = 8) -> None:
         self.engine, self.small, self.large, self.large_from = engine, small, large, large_from
 
     @property
