@@ -25,8 +25,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_serve():
-
+def ray_serve_url():
+    """Ray Serve's HTTP proxy on a free port of a local Ray instance; its URL."""
     # Two CPUs for the whole instance, one torch thread per process: this machine has 2 cores.
     ray.init(
         num_cpus=2,
@@ -37,14 +37,14 @@ def ray_serve():
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        yield serve, f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def test_two_replicas_answer_two_tasks_like_the_model(ray_serve, tiny_weights, tmp_path):
-    serve, url = ray_serve
+def test_two_replicas_answer_two_tasks_like_the_model(ray_serve_url, tiny_weights, tmp_path):
+    url = ray_serve_url
     from piggyback.serving.ray_app import build
 
     model_dir = save_two_task_model(tmp_path / "model", tiny_weights)
