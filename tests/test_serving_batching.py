@@ -194,3 +194,18 @@ def test_large_batches_get_their_own_torch_thread_count_and_small_ones_the_defau
         torch.set_num_threads(before)
     assert engine.seen == [1, 1, 2, 2, 1]
     assert threaded.tasks == ["a"]
+
+
+def test_a_serving_process_tunes_the_allocator_and_sizes_torch_threads(monkeypatch):
+    import torch
+
+    from piggyback.serving.server import configure_process
+
+    calls = []
+    monkeypatch.setattr("piggyback.runtime.tune_allocator", lambda: calls.append(1) or True)
+    before = torch.get_num_threads()
+    try:
+        assert configure_process(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]  # Ray Serve replicas call it too: the CLI's own setup never runs there

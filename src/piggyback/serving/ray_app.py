@@ -27,7 +27,7 @@ from ray import serve
 from piggyback.predictor import Predictor
 from piggyback.serving.app import ServeSettings, create_app
 from piggyback.serving.metrics import Metrics
-from piggyback.serving.server import configure_threads
+from piggyback.serving.server import configure_process
 
 __all__ = ["PiggybackDeployment", "build", "run_on_ray"]
 
@@ -46,7 +46,7 @@ class PiggybackDeployment:
         max_cached_tasks: int | None,
         batch_invariant: bool = False,
     ) -> None:
-        configure_threads(threads)
+        configure_process(threads)
         self.engine = Predictor.from_pretrained(
             model_dir,
             device=device,
