@@ -205,6 +205,11 @@ def domain_images(seed: int, task: int, count: int, size: int) -> torch.Tensor:
 
 
 def timings(name: str, directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Timed in this process with the allocator as `piggyback serve` sets it (memory is measured
+    in fresh subprocesses that keep glibc's default: it returns freed memory)."""
+    from piggyback.runtime import tune_allocator
+
+    tune_allocator()  # else large batches page-fault their activations in again every call
     tasks = [f"t{i:02d}" for i in range(2 * CACHED)]
     predictor = Predictor.from_pretrained(
         directory,
