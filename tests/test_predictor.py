@@ -305,6 +305,18 @@ def test_prepared_images_are_answered_exactly_as_the_pictures_they_came_from():
         predictor.prepare(pictures[0], ["a", "z"])
 
 
+def test_an_image_prepared_without_its_picture_answers_the_tasks_it_was_prepared_for():
+    model = tasks_model(("a", "b"))
+    model.task("b").metadata.preprocess = PREPROCESS | {"image_size": 20, "resize_size": 24}
+    predictor = Predictor(model)
+    picture = picture_of(7)
+    light = predictor.prepare(picture, "a", keep_picture=False)
+    assert light.picture is None and light != predictor.prepare(picture, "a", keep_picture=False)
+    assert predictor.predict(light, "a", top_k=3) == predictor.predict(picture, "a", top_k=3)
+    with pytest.raises(DataError, match="without keeping its picture: prepare it for the task"):
+        predictor.predict(light, "b")
+
+
 def test_images_prepared_for_auto_carry_every_input_routing_may_need():
     model = tasks_model(("a", "b"))
     model.task("b").metadata.preprocess = PREPROCESS | {"image_size": 20, "resize_size": 24}

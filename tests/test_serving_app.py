@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from serving_fixtures import TASKS, image_bytes, open_image, save_two_task_model
 
 from piggyback import PiggybackModel, Predictor
@@ -152,6 +153,21 @@ def test_images_reach_the_batch_decoded_and_preprocessed_by_the_request_threads(
     assert answer["task"] == "digits" and auto["task"] in TASKS
     expected = engine.predict([open_image(data)], ["digits"], top_k=2)[0]
     assert [p["label"] for p in answer["predictions"]] == [c for c, _ in expected.top]
+
+
+def test_an_engine_without_prepare_gets_decoded_pictures(engine):
+    class Plain:  # tasks, descriptions and predict only: what the API needed before prepare
+        tasks = engine.tasks
+        task_description = engine.task_description
+
+        def predict(self, images, tasks, *, top_k):
+            assert all(isinstance(image, Image.Image) for image in images)
+            return engine.predict(images, tasks, top_k=top_k)
+
+    with TestClient(create_app(Plain(), ServeSettings(max_batch_size=4))) as client:
+        assert upload(client, image_bytes(2), task="digits").status_code == 200
+        junk = upload(client, b"not an image", task="digits")
+    assert junk.status_code == 400 and junk.json()["error"]["code"] == "invalid_image"
 
 
 def test_openapi_documents_the_routes_and_both_request_bodies(client):

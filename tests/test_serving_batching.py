@@ -194,6 +194,13 @@ def test_large_batches_get_their_own_torch_thread_count_and_small_ones_the_defau
         torch.set_num_threads(before)
     assert engine.seen == [1, 1, 2, 2, 1]
     assert threaded.tasks == ["a"]
+    threaded.predict(list(range(8)), ["a"] * 8, top_k=1)
+    assert torch.get_num_threads() == 1  # the default for threads started later: small again
+    torch.set_num_threads(before)
+    engine.batch_invariant = True  # an image alone and in a batch must run on the same threads
+    assert ThreadsPerBatch(engine, small=1, large=2).large == 1
+    with pytest.raises(ValueError, match="must be >= 1, got 1, -1"):
+        ThreadsPerBatch(engine, small=1, large=-1)
 
 
 def test_a_serving_process_tunes_the_allocator_and_sizes_torch_threads(monkeypatch):

@@ -23,6 +23,8 @@ def test_bad_options_and_missing_model_are_one_line_errors(tmp_path):
         (["serve", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
         (["serve", str(tmp_path / "missing")], "not a piggyback model directory"),
         (["serve", str(tmp_path), "--ray", "--batch-threads", "2"], "not to --ray replicas"),
+        (["serve", str(tmp_path), "--batch-threads", "-1"], "--batch-threads must be >= 1, got -1"),
+        (["serve", str(tmp_path), "--threads", "0"], "--threads must be >= 1, got 0"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2
@@ -81,4 +83,4 @@ def test_serve_command_answers_both_tasks_until_interrupted(tiny_weights, tmp_pa
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert f"serving 2 task(s) of {model_dir} on http://127.0.0.1:{port}" in output
-    assert "1 torch thread(s), 1 for batches of 8 or more, batch-invariant" in output
+    assert "(cpu, 1 torch thread(s), batch-invariant; API docs at /docs)" in output

@@ -25,17 +25,18 @@ from piggyback.images import decode_image
 Transform = Callable[[Image.Image], Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedImage:
     """A picture decoded once, with the network inputs already made from it, by preprocessing.
 
     `Predictor.prepare` makes these where CPU time is to spare (a server's decoding threads),
     so that the one thread running the network does not also resize and normalize. `predict`
     takes one as an image: it uses the inputs it finds and makes any other from `picture`
-    (a task replaced meanwhile, the task an image was routed to).
+    (a task replaced meanwhile); `picture` is None when it was not kept (a server's queue then
+    holds the small inputs, not full-size photos).
     """
 
-    picture: Image.Image | Tensor
+    picture: Image.Image | Tensor | None
     inputs: dict[str, Tensor] = field(default_factory=dict)  # preprocess_key -> CHW tensor
 
 
@@ -86,25 +87,28 @@ def prepare_image(
     image: ImageInput,
     preprocesses: Iterable[dict[str, Any]],
     transform: Callable[[dict[str, Any]], Transform],
+    *,
+    keep_picture: bool = True,
 ) -> PreparedImage:
     """`image` decoded, with one input per distinct preprocessing (a tensor is used as given)."""
     if isinstance(image, PreparedImage):
         picture, inputs = image.picture, dict(image.inputs)
     else:
         picture, inputs = decode(image), {}
-    if not isinstance(picture, Tensor):
-        for preprocess in preprocesses:
-            key = preprocess_key(preprocess)
-            if key not in inputs:
-                inputs[key] = transform(preprocess)(picture)
-    return PreparedImage(picture, inputs)
+    if isinstance(picture, Tensor) or picture is None:
+        return PreparedImage(picture, inputs)
+    for preprocess in preprocesses:
+        key = preprocess_key(preprocess)
+        if key not in inputs:
+            inputs[key] = transform(preprocess)(picture)
+    return PreparedImage(picture if keep_picture else None, inputs)
 
 
 class PreparedImages:
     """The pictures of one request, decoded once, with each preprocessing applied at most once."""
 
     def __init__(self, images: list[ImageInput], transform: Callable[[dict], Transform]) -> None:
-        self.pictures: list[Image.Image | Tensor] = []
+        self.pictures: list[Image.Image | Tensor | None] = []
         self._transform = transform
         self._done: dict[tuple[int, str], Tensor] = {}
         for index, image in enumerate(images):
@@ -128,6 +132,11 @@ class PreparedImages:
         for index in indices:
             if (index, key) not in self._done:
                 picture = self.pictures[index]
+                if picture is None:
+                    raise DataError(
+                        f"image {index} was prepared without this task's preprocessing and "
+                        "without keeping its picture: prepare it for the task it is asked for"
+                    )
                 if not isinstance(picture, Tensor):
                     transform = transform or self._transform(preprocess)
                     picture = transform(picture)

@@ -194,14 +194,18 @@ class Predictor:
 
     # -- predicting -----------------------------------------------------------------------------
 
-    def prepare(self, image: ImageInput, tasks: str | Sequence[str] = AUTO) -> PreparedImage:
+    def prepare(
+        self, image: ImageInput, tasks: str | Sequence[str] = AUTO, *, keep_picture: bool = True
+    ) -> PreparedImage:
         """`image` decoded and preprocessed for `tasks` (names, or "auto": every preprocessing
         routing may need), for `predict` to take as an image. Answers are the same with or
         without it; a server calls it in its decoding threads so that the thread running the
-        network does nothing else (`benchmarks/serve_load.py`)."""
+        network does nothing else (`benchmarks/serve_load.py`). `keep_picture=False` drops the
+        decoded picture (then only `tasks` can be asked for it, as they were when prepared)."""
         names = [tasks] if isinstance(tasks, str) else list(tasks)
         self._assignment(names, len(names))  # unknown names fail here, not in the batch
-        return prepare_image(image, self._preprocesses(names), self._transform)
+        preprocesses = self._preprocesses(names)
+        return prepare_image(image, preprocesses, self._transform, keep_picture=keep_picture)
 
     def _preprocesses(self, names: list[str]) -> list[dict[str, Any]]:
         wanted = [name for name in names if name != AUTO]
@@ -221,8 +225,9 @@ class Predictor:
         """The top-k classes of each image, from its task.
 
         `tasks`: one task name for all images, "auto" (each image routed to a task), or one entry
-        per image (names and "auto" mixed). Images: PIL images, paths, bytes, or preprocessed
-        CHW / NCHW tensors (used as given). A mixed batch runs each task once on its images.
+        per image (names and "auto" mixed). Images: PIL images, paths, bytes, preprocessed
+        CHW / NCHW tensors (used as given), or `prepare`'s results. A mixed batch runs each task
+        once on its images.
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")

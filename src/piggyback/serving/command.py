@@ -48,7 +48,7 @@ def serve_command(
     ] = None,
     threads: Annotated[
         int | None,
-        Opt(help="Torch threads for batches under 8 images (default: cores - 1, at least 1)."),
+        Opt(help="Torch threads (local server: for batches under 8 images); default cores - 1."),
     ] = None,
     batch_threads: Annotated[
         int | None,

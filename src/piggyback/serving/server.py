@@ -58,6 +58,8 @@ def configure_process(threads: int | None) -> int:
     """
     from piggyback.runtime import tune_allocator
 
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     tune_allocator()
     count = threads or default_threads()
     torch.set_num_threads(count)
@@ -79,6 +81,10 @@ class ThreadsPerBatch:
     """
 
     def __init__(self, engine: Engine, *, small: int, large: int, large_from: int = 8) -> None:
+        if small < 1 or large < 1:
+            raise ValueError(f"--threads and --batch-threads must be >= 1, got {small}, {large}")
+        if getattr(engine, "batch_invariant", False):
+            large = small  # an image alone and in a batch: the same kernels, the same threads
         self.engine, self.small, self.large, self.large_from = engine, small, large, large_from
 
     @property
@@ -88,14 +94,18 @@ class ThreadsPerBatch:
     def task_description(self, name: str) -> dict[str, Any]:
         return self.engine.task_description(name)
 
-    def prepare(self, image: Any, tasks: list[str]) -> Any:
-        return self.engine.prepare(image, tasks)
+    def prepare(self, image: Any, tasks: list[str], *, keep_picture: bool = True) -> Any:
+        return self.engine.prepare(image, tasks, keep_picture=keep_picture)
 
     def predict(self, images: list, tasks: list[str], *, top_k: int) -> list:
-        count = self.large if len(images) >= self.large_from else self.small
-        if torch.get_num_threads() != count:
-            torch.set_num_threads(count)
-        return self.engine.predict(images, tasks, top_k=top_k)
+        large = len(images) >= self.large_from and self.large != self.small
+        if torch.get_num_threads() != self.small or large:
+            torch.set_num_threads(self.large if large else self.small)
+        try:
+            return self.engine.predict(images, tasks, top_k=top_k)
+        finally:
+            if large:  # torch's default for threads started meanwhile (the request threads'
+                torch.set_num_threads(self.small)  # preprocessing) goes back to the small count
 
 
 def serve(
@@ -117,17 +127,22 @@ def serve(
 
     from piggyback.predictor import Predictor
 
+    if batch_threads is not None and batch_threads < 1:
+        raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
     count = configure_process(threads)
     predictor = Predictor.from_pretrained(
         model_dir, device=device, max_cached_tasks=max_cached_tasks, batch_invariant=batch_invariant
     )
-    large = batch_threads or available_cores()
-    engine = ThreadsPerBatch(predictor, small=count, large=large)
-    app = create_app(engine, settings or ServeSettings.with_env_key())
+    settings = settings or ServeSettings.with_env_key()
+    engine = ThreadsPerBatch(predictor, small=count, large=batch_threads or available_cores())
+    app = create_app(engine, settings)
+    threading_note = f"{count} torch thread(s)"
+    if engine.large != engine.small and settings.max_batch_size >= engine.large_from:
+        threading_note += f", {engine.large} for batches of {engine.large_from} or more"
     print(
         f"serving {len(predictor.tasks)} task(s) of {model_dir} on http://{host}:{port} "
-        f"({device}, {count} torch thread(s), {large} for batches of {engine.large_from} or more"
-        f"{', batch-invariant' if batch_invariant else ''}; API docs at /docs)",
+        f"({device}, {threading_note}{', batch-invariant' if batch_invariant else ''}; "
+        "API docs at /docs)",
         flush=True,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
