@@ -208,12 +208,12 @@ class Predictor:
         return prepare_image(image, preprocesses, self._transform, keep_picture=keep_picture)
 
     def _preprocesses(self, names: list[str]) -> list[dict[str, Any]]:
-        wanted = [name for name in names if name != AUTO]
-        if AUTO in names:  # routing's own inputs, then any task's (the chosen one's)
-            profiles = [self.model.task(name).routing for name in self.tasks]
-            wanted += self.tasks
-            return [p.preprocess for p in profiles if p] + [self.preprocess(n) for n in wanted]
-        return [self.preprocess(name) for name in wanted]
+        """The preprocessing of each task named; with "auto", routing's and every task's."""
+        if AUTO not in names:
+            return [self.preprocess(name) for name in dict.fromkeys(names)]
+        profiles = [self.model.task(name).routing for name in self.tasks]
+        routing = [profile.preprocess for profile in profiles if profile is not None]
+        return routing + [self.preprocess(name) for name in self.tasks]
 
     def predict(
         self,

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piggyback import __version__
+from piggyback.inputs import PreparedImage
 from piggyback.routing import AUTO
 from piggyback.serving.batching import DynamicBatcher, OverloadedError
 from piggyback.serving.inputs import RequestError, decode_upload, read_predict_request
@@ -284,7 +285,10 @@ def _prepared(engine: Engine, raw: bytes, index: int, tasks: list[str], max_pixe
     `prepare` gets the decoded picture, as before."""
     picture = decode_upload(raw, index, max_pixels=max_pixels)
     prepare = getattr(engine, "prepare", None)
-    return picture if prepare is None else prepare(picture, tasks, keep_picture=False)
+    if prepare is None:
+        return picture
+    # Already decoded (oriented RGB): as a PreparedImage, prepare does not decode a second copy.
+    return prepare(PreparedImage(picture), tasks, keep_picture=False)
 
 
 class _Counter:
