@@ -114,6 +114,8 @@ def test_serve_load_benchmark_compares_batched_and_one_at_a_time_servers(tiny_we
             assert row[mode]["requests"] == 8 and row[mode]["failures"] == 0
             assert 0 < row[mode]["p50_ms"] <= row[mode]["p99_ms"]
         assert row["one_at_a_time"]["mean_batch_size"] == 1.0
+        assert row["one_at_a_time"]["batch_sizes"] == {"1": 8}
+        assert sum(int(s) * n for s, n in row["batched"]["batch_sizes"].items()) == 8
         assert row["speedup"] == round(
             row["batched"]["throughput_rps"] / row["one_at_a_time"]["throughput_rps"], 2
         )
