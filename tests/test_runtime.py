@@ -34,7 +34,7 @@ _FAULTS_PER_PASS = textwrap.dedent(
 
     def passes():
         with torch.inference_mode():
-            for _ in range(5):
+            for _ in range(8):
                 before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 net(images).sum()
                 faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
@@ -55,6 +55,7 @@ def _faults_after_the_first_pass(mode: str) -> float:
 
 def test_a_worker_thread_reuses_freed_activations_without_page_faults_once_tuned():
     # A 96 MiB block is 24576 pages: untuned, every pass faults its activations in again (glibc
-    # unmaps them on free); tuned, the memory freed by one pass serves the next.
+    # unmaps them on free); tuned, the memory freed by one pass serves the next (now and then
+    # the heap still grows by one block in a pass: hence the median of 7 passes).
     assert _faults_after_the_first_pass("untuned") > 10_000
     assert _faults_after_the_first_pass("tuned") < 1_000

@@ -26,8 +26,12 @@ def tune_allocator() -> bool:
     gives other threads arenas of at most 64 MiB that serve a larger block by mmap whatever the
     settings above (then unmap it on free). A batch of 32 Lite0 images at 128 px has a 50 MB
     activation: 396 page faults per image and the batch ~25% slower in a worker thread than in
-    the main thread, measured; none and as fast with one arena. Threads that allocated before
-    this call keep their arenas, so call it first thing.
+    the main thread, measured; none and as fast with one arena. This only holds while no thread
+    arena exists yet: glibc hands a new thread an existing arena, one left by an exited thread
+    included, so call it first thing, before any thread has run (the `piggyback` command does;
+    processes started by others, e.g. Ray workers, get `MALLOC_ARENA_MAX=1` in their
+    environment instead). Not measured: lock contention on the one arena with many threads
+    allocating large blocks at once (training's intra-op threads allocate little).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -37,4 +41,4 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-    return all([bool(mallopt(option, value)) for option, value in settings])
+    return all([bool(mallopt(option, value)) for option, value in settings])  # a list: apply all

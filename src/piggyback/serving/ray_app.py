@@ -93,7 +93,12 @@ def build(
     settings = settings or ServeSettings.with_env_key()
     options = {
         "num_replicas": replicas,
-        "ray_actor_options": {"num_cpus": num_cpus},
+        "ray_actor_options": {
+            "num_cpus": num_cpus,
+            # One malloc arena from the replica's start (see runtime.tune_allocator): Ray's own
+            # threads have arenas before the replica's code runs, which mallopt cannot undo.
+            "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "1"}},
+        },
         # Enough requests in flight per replica for its batches to fill (Ray's default is 5).
         "max_ongoing_requests": 2 * settings.max_batch_size,
     }
