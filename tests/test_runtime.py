@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import textwrap
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="tune_allocator sets glibc's malloc (Linux only)"
+    platform.libc_ver()[0] != "glibc", reason="tune_allocator sets glibc's malloc (glibc only)"
 )
 
 # Forward passes in a worker thread, as a server's inference thread runs them, with activations
