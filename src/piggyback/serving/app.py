@@ -234,7 +234,7 @@ def _add_routes(
         """
         started = time.perf_counter()
         with arriving:
-            images, tasks, top_k = await _read_and_decode(request, settings, engine)
+            images, tasks, top_k = await _read_and_decode(request, settings, engine, known)
         pairs = [(i, task) for i in range(len(images)) for task in tasks]
         answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
         results = [
@@ -247,13 +247,12 @@ def _add_routes(
 
 
 async def _read_and_decode(
-    request: Request, settings: ServeSettings, engine: Engine
+    request: Request, settings: ServeSettings, engine: Engine, known: set[str]
 ) -> tuple[list[Any], list[str], int]:
     """The images (decoded and preprocessed), tasks and top_k of a predict request, checked
     against the limits. The decoding threads preprocess too: the one thread that runs the
     network should do nothing else, it is what every request waits for."""
     data = await read_predict_request(request, default_top_k=settings.default_top_k)
-    known = set(engine.tasks)
     unknown = [t for t in data.tasks if t != AUTO and t not in known]
     if unknown:
         raise RequestError(
