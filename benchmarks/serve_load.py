@@ -235,6 +235,14 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def round_speedups(runs: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """Batched over one-at-a-time throughput of each round (the two runs made one after the
+    other). The machine's speed drifts from minute to minute; a round's two runs share it, so
+    the spread of these ratios shows how far the headline ratio (of the median runs) can move."""
+    pairs = zip(runs["batched"], runs["one_at_a_time"], strict=True)
+    return [round(b["throughput_rps"] / s["throughput_rps"], 2) for b, s in pairs]
+
+
 def model_only(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> dict[str, Any]:
     """What batching buys the model itself, without HTTP, decoding or other clients: the same
     `--max-batch-size` images (tasks cycling) as one mixed-task `Predictor.predict` call against
@@ -305,6 +313,7 @@ def measure(args: argparse.Namespace, model_dir: Path, images: list[bytes]) -> d
             row["speedup"] = round(
                 row["batched"]["throughput_rps"] / row["one_at_a_time"]["throughput_rps"], 2
             )
+            row["round_speedups"] = round_speedups(runs)
             results[str(clients)] = row
             print(f"{clients:>3} clients: {json.dumps(row)}", flush=True)
     return {
@@ -333,17 +342,20 @@ def write_table(report: dict[str, Any], path: Path) -> None:
         f"--max-batch-size {args['max_batch_size']} --max-wait-ms {args['max_wait_ms']:g}.",
         "",
         "| clients | batched req/s | p50 / p99 ms | mean batch (commonest sizes) "
-        "| one at a time req/s | p50 / p99 ms | throughput ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| one at a time req/s | p50 / p99 ms | throughput ratio | ratio per round: median "
+        "(range) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for clients, row in report["results"].items():
         b, s = row["batched"], row["one_at_a_time"]
         sizes = list(b["batch_sizes"].items())[:3]
         commonest = ", ".join(f"{size} x{count}" for size, count in sizes)
+        rounds = row["round_speedups"]
         lines.append(
             f"| {clients} | {b['throughput_rps']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
             f"| {b['mean_batch_size']:.1f} ({commonest}) | {s['throughput_rps']:.1f} "
-            f"| {s['p50_ms']:.0f} / {s['p99_ms']:.0f} | {row['speedup']:.2f}x |"
+            f"| {s['p50_ms']:.0f} / {s['p99_ms']:.0f} | {row['speedup']:.2f}x "
+            f"| {statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f}) |"
         )
     alone = report["model_only"]
     lines += [

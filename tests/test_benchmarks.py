@@ -119,6 +119,7 @@ def test_serve_load_benchmark_compares_batched_and_one_at_a_time_servers(tiny_we
         assert row["speedup"] == round(
             row["batched"]["throughput_rps"] / row["one_at_a_time"]["throughput_rps"], 2
         )
+        assert row["round_speedups"] == [row["speedup"]]  # one round: its ratio is the headline
     assert 1.0 <= report["results"]["4"]["batched"]["mean_batch_size"] <= 4
     assert "| 4 |" in (out / "table.md").read_text()
     alone = report["model_only"]
