@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -494,6 +495,33 @@ def test_concurrent_calls_with_different_tasks_equal_sequential_calls(tmp_path):
         thread.join()
     assert failures == []
     assert predictor.cache_info().misses > 3  # one cached task: the threads kept evicting
+
+
+def test_a_task_loaded_while_routing_bypasses_the_heads_gets_a_real_head(tmp_path):
+    """Routing runs the backbone with nn.Identity in the head slots; a task loaded by another
+    thread meanwhile waits for that pass instead of copying the Identity as its head."""
+    model = routed_model()
+    path = model.save_task(tmp_path / "red.safetensors", "red")
+    predictor = Predictor(model)
+    loaded: list[str] = []
+    waiting: list[threading.Thread] = []
+
+    def load_during_the_pass(*_: object) -> None:
+        if not waiting:  # once: the pass over the stem is inside backbone_features
+            thread = threading.Thread(target=lambda: loaded.append(predictor.load_task(path, "x")))
+            waiting.append(thread)
+            thread.start()
+            thread.join(timeout=0.3)  # it cannot finish while this pass holds the heads
+
+    hook = model.backbone.stem.register_forward_hook(load_during_the_pass)
+    answers = predictor.predict(coloured(1, 0, 2), "auto")
+    hook.remove()
+    waiting[0].join()
+    assert loaded == ["x"] and {a.task for a in answers} == {"red"}
+    reds = coloured(2, 0, 3)
+    assert predictor.predict(reds, "x") == [
+        replace(answer, task="x") for answer in predictor.predict(reds, "red")
+    ]
 
 
 def test_a_source_changed_while_its_tensors_are_computed_is_not_cached_as_current():

@@ -98,10 +98,13 @@ class PiggybackModel(ModelFiles, ModelInspection, nn.Module):
     @property
     def heads(self) -> TaskHeads:
         """The wrapper in the (first) head's place."""
-        return self.backbone.get_submodule(self.head_name)
+        return self._named_wrappers()[self.head_name]
 
     def _named_wrappers(self) -> dict[str, TaskHeads]:
-        return {name: self.backbone.get_submodule(name) for name in self.head_names}
+        # Under the swap lock: `backbone_features` puts nn.Identity in the head slots for the
+        # length of a pass, and another thread loading a task must not copy that as the head.
+        with self._slots.lock:
+            return {name: self.backbone.get_submodule(name) for name in self.head_names}
 
     def _head_wrappers(self) -> list[TaskHeads]:
         return list(self._named_wrappers().values())
