@@ -28,17 +28,24 @@ from piggyback.errors import TaskError
 from piggyback.masks import fraction_on
 from piggyback.methods import TaskMethod, get_method
 from piggyback.packing import pack_codes, unpack_codes
+from piggyback.routing import AUTO
 from piggyback.targets import MaskTarget
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # fullmatch: no trailing newline
 
 
 def check_task_name(name: str) -> str:
-    """Task names become file names and module keys: letters, digits, '_' and '-' only."""
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
+    """Task names become file names and module keys: letters, digits, '_' and '-' only; and
+    "auto", which asks for task routing wherever a task is named, cannot name one."""
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
         raise TaskError(
             f"invalid task name {name!r}: use 1-64 letters, digits, '_' or '-' "
             "(it names a file and a module), not starting with '-'"
+        )
+    if name == AUTO:
+        raise TaskError(
+            f"invalid task name {AUTO!r}: it is reserved for task routing (tasks='auto' lets "
+            "each image choose its task); choose another name"
         )
     return name
 
