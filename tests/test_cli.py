@@ -146,14 +146,15 @@ def test_warnings_reach_the_terminal_as_one_line_without_source_paths(
     folder = tiny_data / "test" / "class_0"
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
-    command = [sys.executable, "-m", "piggyback.cli", "predict", str(directory), str(folder)]
-    out = subprocess.run(
-        [*command, "--task", "auto", "--json"], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    warned = [line for line in out.stderr.splitlines() if "routing prototypes" in line]
-    assert len(warned) == 1 and warned[0].startswith("warning: task(s) ['copy'] have no routing")
-    assert ".py:" not in out.stderr and "warnings.warn" not in out.stderr
+    script = Path(sys.executable).with_name("piggyback")  # the installed console command
+    for program in ([str(script)], [sys.executable, "-m", "piggyback.cli"]):
+        command = [*program, "predict", str(directory), str(folder), "--task", "auto", "--json"]
+        out = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        warned = [line for line in out.stderr.splitlines() if "routing prototypes" in line]
+        assert len(warned) == 1
+        assert warned[0].startswith("warning: task(s) ['copy'] have no routing")
+        assert ".py:" not in out.stderr and "warnings.warn" not in out.stderr
 
 
 def test_route_fit_adds_prototypes_to_a_saved_task(trained_dir, tiny_data, tmp_path):

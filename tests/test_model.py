@@ -149,7 +149,7 @@ def test_clear_errors_without_a_task_or_with_unknown_names(tiny_cnn, images):
     for bad in ("bad.name", "trailing\n", "", "-dash", "x" * 65):
         with pytest.raises(TaskError, match="invalid task name"):
             model.add_task(bad, 3)
-    with pytest.raises(TaskError, match="'auto'.* reserved for task routing"):
+    with pytest.raises(TaskError, match=r"'auto'.* reserved for task routing"):
         model.add_task("auto", 3)
     model.set_task("a")
     model.delete_task("a")
