@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from piggyback.data import build_transforms, resize_size
+from piggyback.data.transforms import CapAspectRatio
 from piggyback.errors import DataError
 
 
@@ -44,3 +45,32 @@ def test_unknown_interpolation() -> None:
     with pytest.raises(DataError, match=r"unknown interpolation 'cubic'.*bicubic"):
         build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=True, interpolation="cubic")
     assert build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=False, interpolation="bicubic")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_thin_image_is_cropped_before_resizing_instead_of_growing_huge(train, monkeypatch):
+    """A 40000 x 1 image would be resized to 1,480,000 x 37 pixels for a 32 px input."""
+    sizes: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def recorded(image, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return resize(image, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    transform = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=train)
+    for source in ((40000, 1), (1, 40000), (3000, 2)):
+        assert transform(Image.new("RGB", source, (10, 20, 30))).shape == (3, 32, 32)
+    assert sizes and max(w * h for w, h in sizes) <= 37 * 37 * 16
+
+
+def test_images_within_the_aspect_cap_are_left_as_they_are() -> None:
+    cap = CapAspectRatio(4)
+    wide = Image.new("RGB", (400, 100))
+    assert cap(wide) is wide
+    assert cap(Image.new("RGB", (401, 100))).size == (400, 100)
+    tall = Image.new("L", (7, 1000))
+    tall.paste(255, (0, 486, 7, 514))  # a band at the centre survives the crop
+    cropped = cap(tall)
+    assert cropped.size == (7, 28) and cropped.getpixel((3, 0)) == 255
+    assert cap(torch.zeros(3, 1, 100)).shape == (3, 1, 100)  # tensors pass through

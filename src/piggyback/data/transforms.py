@@ -9,11 +9,46 @@ from `piggyback.preprocess.Preprocess` (the backbone's own crop fraction where i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from piggyback.errors import DataError
+
+MAX_ASPECT_RATIO = 16
+
+
+class CapAspectRatio:
+    """Crop the long side of a PIL image to at most `max_ratio` times its short side, centred.
+
+    Resizing the short side first makes a thin image huge: a 40000 x 1 PNG of 200 bytes became
+    a 5,840,000 x 146 picture (4 GB in a server) before the crop kept 128 x 128 of it. The crops
+    that follow only ever use about a short side's length around the centre (RandomResizedCrop's
+    widest crop is 4:3), so images up to `max_ratio` are left untouched and longer ones lose
+    only borders no crop reaches (their sampling grid may shift by under a pixel).
+    """
+
+    def __init__(self, max_ratio: float = MAX_ASPECT_RATIO) -> None:
+        self.max_ratio = max_ratio
+
+    def __call__(self, image: Any) -> Any:
+        if not isinstance(image, Image.Image):
+            return image
+        width, height = image.size
+        short = min(width, height)
+        longest = int(short * self.max_ratio)
+        if max(width, height) <= longest:
+            return image
+        if width > height:
+            left = (width - longest) // 2
+            return image.crop((left, 0, left + longest, height))
+        top = (height - longest) // 2
+        return image.crop((0, top, width, top + longest))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_ratio={self.max_ratio})"
 
 
 def resize_size(image_size: int) -> int:
@@ -48,6 +83,7 @@ def build_transforms(
     )
     return v2.Compose(
         [
+            CapAspectRatio(),
             v2.Resize(resize or resize_size(image_size), interpolation=mode),
             *crop,
             v2.ToImage(),
