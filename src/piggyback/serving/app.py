@@ -27,7 +27,7 @@ from piggyback import __version__
 from piggyback.inputs import PreparedImage
 from piggyback.routing import AUTO
 from piggyback.serving.batching import DynamicBatcher, OverloadedError
-from piggyback.serving.inputs import RequestError, decode_upload, read_predict_request
+from piggyback.serving.inputs import RequestError, decode_upload, listed, read_predict_request
 from piggyback.serving.metrics import Metrics
 from piggyback.serving.middleware import BearerAuth, BodyLimit, CountResponses, error_response
 from piggyback.serving.schemas import (
@@ -258,8 +258,7 @@ async def _read_and_decode(
         raise RequestError(
             400,
             "unknown_task",
-            f"unknown task {', '.join(map(repr, unknown))}: this server has "
-            f"{sorted(known)} (or 'auto')",
+            f"unknown task {listed(unknown)}: this server has {sorted(known)} (or 'auto')",
         )
     count = len(data.images) * len(data.tasks)
     if count > settings.max_batch_size:

@@ -17,13 +17,20 @@ from typing import Any
 
 from PIL import Image
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from piggyback.errors import ImageError, ImageTooLargeError
 from piggyback.images import decode_image
 from piggyback.routing import AUTO
 
-__all__ = ["PredictInput", "RequestError", "decode_upload", "read_predict_request"]
+__all__ = [
+    "PredictInput",
+    "RequestError",
+    "decode_upload",
+    "listed",
+    "read_predict_request",
+    "shortened",
+]
 
 
 class RequestError(Exception):
@@ -49,8 +56,31 @@ _MISSING_IMAGE = (
 )
 
 
+#: How much of a client's text an error message repeats (a task "name" may be 200 kB long).
+_ECHO_CHARS = 80
+
+
+def shortened(value: object) -> str:
+    """`value` as an error message quotes it: its repr, cut to `_ECHO_CHARS` characters."""
+    quoted = repr(value)
+    return quoted if len(quoted) <= _ECHO_CHARS else f"{quoted[:_ECHO_CHARS]}... (cut)"
+
+
+def listed(values: Sequence[object], most: int = 5) -> str:
+    """The first `most` values, each `shortened`, and how many more."""
+    text = ", ".join(shortened(v) for v in values[:most])
+    return text + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
 async def read_predict_request(request: Request, *, default_top_k: int = 5) -> PredictInput:
     """The images, tasks and top_k of a multipart/form-data or application/json request."""
+    try:
+        return await _read(request, default_top_k)
+    except ClientDisconnect as error:  # nobody to answer; without this, a traceback in the log
+        raise RequestError(400, "client_disconnected", "the client left mid-upload") from error
+
+
+async def _read(request: Request, default_top_k: int) -> PredictInput:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         images, tasks, top_k = await _read_form(request)
@@ -74,7 +104,7 @@ async def read_predict_request(request: Request, *, default_top_k: int = 5) -> P
 async def _read_form(request: Request) -> tuple[list[bytes], list[str], Any]:
     try:
         form = await request.form()
-    except RequestError:
+    except (RequestError, ClientDisconnect):
         raise
     except Exception as error:  # python-multipart reports malformed bodies with several types
         raise RequestError(400, "bad_multipart", f"malformed multipart body: {error}") from error
@@ -84,6 +114,9 @@ async def _read_form(request: Request) -> tuple[list[bytes], list[str], Any]:
             images.append(await value.read())
         else:  # a text field: accepted as base64, like the JSON form
             images.append(_base64(value, len(images)))
+    for field in ("task", "top_k"):
+        if any(isinstance(value, UploadFile) for value in form.getlist(field)):
+            raise RequestError(400, f"bad_{field}", f"'{field}' must be a text field, not a file")
     tasks = [part for value in form.getlist("task") for part in str(value).split(",")]
     return images, tasks, form.get("top_k")
 
@@ -92,28 +125,42 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str], Any]:
     if not body:
         raise RequestError(400, "empty_body", f"the request body is empty; {_MISSING_IMAGE}")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError as error:  # [[[[...]]]] nested deeper than the parser's stack
+        raise RequestError(400, "bad_json", "the JSON body is nested too deeply") from error
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, "bad_json", f"the body is not valid JSON: {error}") from error
     if not isinstance(data, dict):
         raise RequestError(400, "bad_json", "the JSON body must be an object with an 'image'")
-    encoded = data.get("images", [])
-    encoded = [data["image"], *encoded] if "image" in data else encoded
+    encoded = data.get("images")
+    if encoded is None:
+        encoded = []
     if not isinstance(encoded, list):
         raise RequestError(400, "bad_json", "'images' must be a list of base64 strings")
-    tasks = data.get("task", [])
+    if data.get("image") is not None:
+        encoded = [data["image"], *encoded]
+    tasks = data.get("task") or []
     tasks = [tasks] if isinstance(tasks, str) else tasks
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise RequestError(400, "bad_task", "'task' must be a task name or a list of names")
+    tasks = [part for name in tasks for part in name.split(",")]  # as the multipart field
     return [_base64(v, i) for i, v in enumerate(encoded)], tasks, data.get("top_k")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _base64(value: Any, index: int) -> bytes:
+    """Standard or URL-safe base64, padded or not, line-wrapped or not (as `base64` tools
+    print it), or a data: URL."""
     if not isinstance(value, str):
         raise RequestError(400, "bad_base64", f"image {index} must be a base64 string")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value  # data: URLs too
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    text = "".join(value.split()).replace("-", "+").replace("_", "/")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
         raise RequestError(400, "bad_base64", f"image {index} is not valid base64") from error
 
@@ -128,10 +175,12 @@ def _top_k(value: Any, default: int) -> int:
         return default
     try:
         top_k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         top_k = 0
     if isinstance(value, bool) or top_k < 1 or str(top_k) != str(value).strip():
-        raise RequestError(400, "bad_top_k", f"top_k must be a whole number >= 1, got {value!r}")
+        raise RequestError(
+            400, "bad_top_k", f"top_k must be a whole number >= 1, got {shortened(value)}"
+        )
     return top_k
 
 
