@@ -65,6 +65,18 @@ def test_sixteen_bit_grayscale_looks_like_its_eight_bit_version(container):
         assert np.abs(decoded[..., channel] - values / 257).max() <= 0.5
 
 
+def test_sixteen_bit_conversion_needs_a_few_bytes_per_pixel_not_int64_arrays():
+    """A server decodes several uploads at once: 1 GB for a 40-megapixel 16-bit PNG was too much."""
+    import tracemalloc
+
+    image = Image.fromarray(RNG.integers(0, 65536, (1000, 2000), dtype=np.uint16))
+    tracemalloc.start()  # numpy reports its arrays to tracemalloc
+    decode_image(image)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6 * 2_000_000, f"{peak / 2_000_000:.1f} bytes per pixel"  # int64 math: 17
+
+
 # -- EXIF orientation -----------------------------------------------------------------------
 
 # How the stored pixels are turned, for each EXIF orientation, so that applying the tag gives

@@ -199,6 +199,8 @@ def test_api_key_guards_every_route_but_health_and_reveals_nothing(engine, monke
             upload(client, image_bytes(1), task="colours"),
             client.get("/v1/tasks", headers={"Authorization": "Bearer wrong"}),
             client.get("/v1/tasks", headers={"Authorization": "s3cret"}),
+            client.get("/v1/tasks", headers={"Authorization": "Basic s3cret"}),
+            client.get("/v1/tasks", headers={"Authorization": "Bearers3cret"}),
         ]
         for response in denied:
             assert response.status_code == 401
@@ -208,6 +210,11 @@ def test_api_key_guards_every_route_but_health_and_reveals_nothing(engine, monke
             assert response.headers["www-authenticate"] == "Bearer"
         auth = {"Authorization": "Bearer s3cret"}
         assert client.get("/v1/tasks", headers=auth).status_code == 200
+        lower = {"Authorization": "bearer s3cret"}  # the scheme's case does not matter
+        assert client.get("/v1/tasks", headers=lower).status_code == 200
+        assert client.head("/health").status_code == 200  # uptime checks probe with HEAD
+        wrong_method = client.get("/v1/predict", headers=auth)
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         ok = client.post(
             "/v1/predict",
             headers=auth,

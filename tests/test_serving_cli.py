@@ -19,16 +19,25 @@ from piggyback.cli import app
 
 
 def test_bad_options_and_missing_model_are_one_line_errors(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = str(taken.getsockname()[1])
     for args, words in [
-        (["serve", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["serve", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be a finite"),
+        (["serve", str(tmp_path), "--max-wait-ms", "nan"], "--max-wait-ms must be a finite"),
+        (["serve", str(tmp_path), "--port", "70000"], "--port must be 0-65535, got 70000"),
+        (["serve", str(tmp_path), "--host", "bad host!"], "not an address of this machine"),
+        (["serve", str(tmp_path), "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
         (["serve", str(tmp_path / "missing")], "not a piggyback model directory"),
         (["serve", str(tmp_path), "--ray", "--batch-threads", "2"], "not to --ray replicas"),
         (["serve", str(tmp_path), "--batch-threads", "-1"], "--batch-threads must be >= 1, got -1"),
         (["serve", str(tmp_path), "--threads", "0"], "--threads must be >= 1, got 0"),
     ]:
         result = runner.invoke(app, args)
-        assert result.exit_code == 2
+        assert result.exit_code == 2, result.output
         assert words in result.output and "Traceback" not in result.output
+    taken.close()
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

@@ -174,8 +174,14 @@ def _sixteen_bit_to_gray(image: Image.Image) -> Image.Image:
 
     By hand because Pillow's own I;16 -> L conversion clips instead of scaling.
     """
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-    return Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    values = np.asarray(image)
+    if values.dtype.kind != "u" or values.dtype.itemsize != 2:  # mode "I": any 32-bit integer
+        values = np.clip(values, 0, 65535)
+    # A table lookup: 3 bytes per pixel where int64 arithmetic took ~25 (1 GB at 40 megapixels).
+    return Image.fromarray(_SIXTEEN_TO_EIGHT[values], mode="L")
+
+
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def _composited(rgba: Image.Image) -> Image.Image:

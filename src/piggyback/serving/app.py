@@ -8,6 +8,7 @@ built on Ray Serve's batching instead. Routes: the page (/), /health, /v1/tasks,
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,17 +18,24 @@ from functools import cache
 from importlib.resources import files
 from typing import Any, Protocol
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from piggyback import __version__
 from piggyback.inputs import PreparedImage
 from piggyback.routing import AUTO
+from piggyback.runtime import available_cores
 from piggyback.serving.batching import DynamicBatcher, OverloadedError
-from piggyback.serving.inputs import RequestError, decode_upload, listed, read_predict_request
+from piggyback.serving.inputs import (
+    PredictInput,
+    RequestError,
+    decode_upload,
+    listed,
+    read_predict_request,
+)
 from piggyback.serving.metrics import Metrics
 from piggyback.serving.middleware import BearerAuth, BodyLimit, CountResponses, error_response
 from piggyback.serving.schemas import (
@@ -80,15 +88,31 @@ class ServeSettings:
     max_image_pixels: int = 40_000_000
     default_top_k: int = 5
     api_key: str | None = None
+    decode_threads: int | None = None  # images decoded at once; None: one per core
+    body_timeout_s: float = 30.0  # longest wait for the next piece of a request body
 
     def __post_init__(self) -> None:
-        lowest = {"max_batch_size": 1, "max_wait_ms": 0, "max_image_pixels": 1, "default_top_k": 1}
+        lowest = {
+            "max_batch_size": 1,
+            "max_wait_ms": 0,
+            "max_image_pixels": 1,
+            "default_top_k": 1,
+            "max_upload_mb": 2**-20,  # one byte
+            "decode_threads": 1,
+            "body_timeout_s": 0.001,
+        }
         for name, low in lowest.items():
-            if getattr(self, name) < low:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (math.isfinite(value) and value >= low):  # NaN compares False with anything
                 option = "--" + name.replace("_", "-")
-                raise ValueError(f"{option} must be >= {low}, got {getattr(self, name)}")
-        if self.max_upload_mb <= 0:
-            raise ValueError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+                raise ValueError(f"{option} must be a finite number >= {low:g}, got {value}")
+        if self.api_key is not None and not _printable_ascii(self.api_key):
+            raise ValueError(
+                "the API key must be printable ASCII without spaces: HTTP headers carry it, "
+                "and browsers refuse other characters there"
+            )
 
     @classmethod
     def with_env_key(cls, **values: Any) -> ServeSettings:
@@ -96,6 +120,10 @@ class ServeSettings:
         if not values.get("api_key"):
             values["api_key"] = os.environ.get(API_KEY_ENV) or None
         return cls(**values)
+
+
+def _printable_ascii(text: str) -> bool:
+    return bool(text) and all(33 <= ord(char) <= 126 for char in text)
 
 
 @cache
@@ -146,7 +174,8 @@ def create_app(
     settings = settings or ServeSettings()
     metrics = metrics or Metrics()
     batcher: DynamicBatcher | None = None
-    arriving = _Counter()  # predict requests being read and decoded, not yet submitted
+    arriving = _Counter()  # predict requests being decoded, not yet submitted
+    decoding = CapacityLimiter(settings.decode_threads or available_cores())
     if submit is None:
         batcher = DynamicBatcher(
             _positional(engine),
@@ -177,8 +206,12 @@ def create_app(
     )
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     _add_error_handlers(app)
-    _add_routes(app, engine, settings, metrics, submit, batcher, arriving)
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    _add_routes(app, engine, settings, metrics, submit, batcher, arriving, decoding)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=int(settings.max_upload_mb * 2**20),
+        timeout_s=settings.body_timeout_s,
+    )
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key, public=PUBLIC_PATHS)
     app.add_middleware(CountResponses, record=metrics.record_response)  # outermost: counts all
@@ -197,13 +230,17 @@ def _add_routes(
     submit: Submit,
     batcher: DynamicBatcher | None,
     arriving: _Counter,
+    decoding: CapacityLimiter,
 ) -> None:
     known = set(engine.tasks)
 
+    # GET and HEAD (undocumented): load balancers and uptime checks often probe with HEAD.
+    @app.head("/", include_in_schema=False)
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return page_html()
 
+    @app.head("/health", include_in_schema=False)
     @app.get("/health", response_model=Health, tags=["server"])
     def health() -> dict[str, Any]:
         """Liveness: answers without a token."""
@@ -233,8 +270,10 @@ def _add_routes(
         (base64), `task` (a name or a list), `top_k`. One result per image and task.
         """
         started = time.perf_counter()
-        with arriving:
-            images, tasks, top_k = await _read_and_decode(request, settings, engine, known)
+        data = await _read_checked(request, settings, known)
+        with arriving:  # from here the request is about to join a batch (not while uploading:
+            images = await _decoded(data, engine, settings, decoding)  # a stalled upload would
+        tasks, top_k = data.tasks, data.top_k  # make every batch wait --max-wait-ms)
         pairs = [(i, task) for i in range(len(images)) for task in tasks]
         answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
         results = [
@@ -246,12 +285,8 @@ def _add_routes(
         return {"results": results}
 
 
-async def _read_and_decode(
-    request: Request, settings: ServeSettings, engine: Engine, known: set[str]
-) -> tuple[list[Any], list[str], int]:
-    """The images (decoded and preprocessed), tasks and top_k of a predict request, checked
-    against the limits. The decoding threads preprocess too: the one thread that runs the
-    network should do nothing else, it is what every request waits for."""
+async def _read_checked(request: Request, settings: ServeSettings, known: set[str]) -> PredictInput:
+    """The encoded images, tasks and top_k of a predict request, checked against the limits."""
     data = await read_predict_request(request, default_top_k=settings.default_top_k)
     unknown = [t for t in data.tasks if t != AUTO and t not in known]
     if unknown:
@@ -269,11 +304,21 @@ async def _read_and_decode(
             f"more than the limit of {settings.max_batch_size} per request "
             "(--max-batch-size): split the request",
         )
-    images = [
-        await run_in_threadpool(_prepared, engine, raw, i, data.tasks, settings.max_image_pixels)
+    return data
+
+
+async def _decoded(
+    data: PredictInput, engine: Engine, settings: ServeSettings, limiter: CapacityLimiter
+) -> list[Any]:
+    """The request's images decoded and preprocessed, in the decoding threads: the one thread
+    that runs the network should do nothing else, it is what every request waits for. At most
+    `limiter` images at once: a large image costs up to ~1 GB while it is decoded (16-bit or
+    transparent at the pixel limit), and anyio's 40 threads at once would exhaust memory."""
+    pixels = settings.max_image_pixels
+    return [
+        await to_thread.run_sync(_prepared, engine, raw, i, data.tasks, pixels, limiter=limiter)
         for i, raw in enumerate(data.images)
     ]
-    return images, data.tasks, data.top_k
 
 
 def _prepared(engine: Engine, raw: bytes, index: int, tasks: list[str], max_pixels: int) -> Any:
@@ -341,7 +386,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail))
+        return error_response(error.status_code, code, str(error.detail), **(error.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):

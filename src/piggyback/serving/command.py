@@ -39,6 +39,12 @@ def serve_command(
     max_image_pixels: Annotated[int, Opt(help="Largest image (width x height) decoded.")] = (
         40_000_000
     ),
+    decode_threads: Annotated[
+        int | None, Opt(help="Images decoded at once (each may take ~1 GB); default: cores.")
+    ] = None,
+    body_timeout_s: Annotated[
+        float, Opt(help="Seconds a request body may pause before the request gets 408.")
+    ] = 30.0,
     api_key: Annotated[
         str | None,
         Opt(
@@ -81,6 +87,8 @@ def serve_command(
         max_upload_mb=max_upload_mb,
         max_image_pixels=max_image_pixels,
         api_key=api_key,
+        decode_threads=decode_threads,
+        body_timeout_s=body_timeout_s,
     )
     options = {
         "host": host,

@@ -7,6 +7,7 @@ limit is our own because Starlette's answers in plain text, and every error here
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable, Collection
 
@@ -34,13 +35,16 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, *, api_key: str, public: Collection[str]) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
         self.public = frozenset(public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.public:
-            given = Headers(scope=scope).get("authorization", "").encode()
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            # The scheme's case does not matter (RFC 9110); the token is compared in constant
+            # time, and encoded as received (latin-1: what HTTP headers carry).
+            given = token.strip().encode("latin-1", errors="replace")
+            if not (secrets.compare_digest(given, self.expected) and scheme.lower() == "bearer"):
                 response = error_response(
                     401,
                     "unauthorized",
@@ -54,11 +58,14 @@ class BearerAuth:
 
 class BodyLimit:
     """413 for request bodies over `max_bytes`: at once when Content-Length says so, or as soon
-    as a streamed (chunked) body passes the limit, before the rest is read."""
+    as a streamed (chunked) body passes the limit, before the rest is read. 408 when the next
+    piece of a body takes over `timeout_s` to come: uvicorn has no such timeout, and a client
+    that stops mid-upload would otherwise hold its request (and a server's shutdown) forever."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _too_large(self) -> RequestError:
         megabytes = self.max_bytes / 2**20
@@ -67,6 +74,13 @@ class BodyLimit:
             "upload_too_large",
             f"the request body is larger than the upload limit of {megabytes:g} MB "
             "(--max-upload-mb): send a smaller file",
+        )
+
+    def _too_slow(self) -> RequestError:
+        return RequestError(
+            408,
+            "upload_timeout",
+            f"no part of the request body came for {self.timeout_s:g} s: send it again",
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,10 +93,17 @@ class BodyLimit:
             await error_response(error.status, error.code, error.message)(scope, receive, send)
             return
         received = 0
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise self._too_slow() from None  # inside the route: its handler answers
+            complete = not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 raise self._too_large()  # raised inside the route: its handler answers JSON

@@ -13,7 +13,7 @@ been read and decoded already, and its forward pass is what every client waits f
 from __future__ import annotations
 
 import contextlib
-import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from piggyback.runtime import available_cores
 from piggyback.serving.app import Engine, ServeSettings, create_app
 
 __all__ = [
@@ -29,17 +30,10 @@ __all__ = [
     "available_cores",
     "configure_process",
     "default_threads",
+    "listening_socket",
     "running_server",
     "serve",
 ]
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_threads() -> int:
@@ -130,6 +124,7 @@ def serve(
     if batch_threads is not None and batch_threads < 1:
         raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
     count = configure_process(threads)
+    listening = listening_socket(host, port)  # a taken port or a bad address: before loading
     predictor = Predictor.from_pretrained(
         model_dir, device=device, max_cached_tasks=max_cached_tasks, batch_invariant=batch_invariant
     )
@@ -140,12 +135,60 @@ def serve(
     if engine.large != engine.small and settings.max_batch_size >= engine.large_from:
         threading_note += f", {engine.large} for batches of {engine.large_from} or more"
     print(
-        f"serving {len(predictor.tasks)} task(s) of {model_dir} on http://{host}:{port} "
+        f"serving {len(predictor.tasks)} task(s) of {model_dir} on {_url(listening)} "
         f"({device}, {threading_note}{', batch-invariant' if batch_invariant else ''}; "
         "API docs at /docs)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        # Ctrl-C / SIGTERM: requests in flight get this long to finish (one stalled upload
+        # otherwise kept the server up until SIGKILL).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    # uvicorn re-raises the Ctrl-C it handled once the server has shut down (uvicorn.run, which
+    # cannot take a bound socket, swallows it the same way).
+    with listening, contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[listening])
+
+
+#: Seconds requests in flight get to finish after Ctrl-C or SIGTERM.
+SHUTDOWN_GRACE_S = 10
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening, or one ValueError saying why not.
+
+    Bound before the model loads, so that a taken port or a mistyped address fails at once,
+    and the "serving on" line names the address really bound.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be 0-65535, got {port}")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ValueError(f"--host {host!r} is not an address of this machine: {error}") from None
+    sock = socket.socket(family, kind, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        reason = error.strerror or str(error)
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
+        ) from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @contextlib.contextmanager

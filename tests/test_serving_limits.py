@@ -1,0 +1,98 @@
+"""The server's own limits: settings refused when they cannot work, images decoded a few at a
+time, and a client that stops mid-upload neither delays the others nor stays forever."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from serving_fixtures import image_bytes, save_two_task_model
+
+from piggyback import Predictor
+from piggyback.serving.app import ServeSettings, create_app
+from piggyback.serving.server import running_server
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights, tmp_path_factory):
+    return Predictor.from_pretrained(
+        save_two_task_model(tmp_path_factory.mktemp("limits") / "m", tiny_weights), device="cpu"
+    )
+
+
+def upload(client, data: bytes, **fields):
+    return client.post("/v1/predict", files={"image": ("x.png", data, "image/png")}, data=fields)
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"max_wait_ms": float("nan")}, "--max-wait-ms must be a finite number >= 0, got nan"),
+        ({"max_upload_mb": float("inf")}, "--max-upload-mb must be a finite number"),
+        ({"max_upload_mb": 1e-9}, "--max-upload-mb must be a finite number >= 9.53674e-07"),
+        ({"max_batch_size": 0}, "--max-batch-size must be a finite number >= 1, got 0"),
+        ({"decode_threads": 0}, "--decode-threads must be a finite number >= 1"),
+        ({"api_key": "clé"}, "printable ASCII"),
+        ({"api_key": "two words"}, "printable ASCII"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_with_the_option_named(values, words):
+    with pytest.raises(ValueError, match=words):
+        ServeSettings(**values)
+
+
+def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):
+    lock, running, most = threading.Lock(), [0], [0]
+
+    class Counting:  # the engine, counting decodes in flight
+        tasks = engine.tasks
+        task_description, predict = engine.task_description, engine.predict
+
+        def prepare(self, image, tasks, *, keep_picture=True):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return engine.prepare(image, tasks, keep_picture=keep_picture)
+
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=1, decode_threads=2)
+    with TestClient(create_app(Counting(), settings)) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(8)))
+    assert all(a.status_code == 200 for a in answers)
+    assert most[0] == 2  # eight requests at once, two decoding at a time
+
+
+def stalled_upload(url: str) -> socket.socket:
+    """A connection that sends headers announcing 1000 bytes, 10 of them, then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"image": '
+    )
+    return sock
+
+
+def test_a_stalled_upload_neither_delays_other_clients_nor_stays_open(engine):
+    settings = ServeSettings(max_batch_size=8, max_wait_ms=3000, body_timeout_s=2)
+    with running_server(create_app(engine, settings)) as url:
+        files = {"image": ("x.png", image_bytes(1), "image/png")}
+        httpx.post(url + "/v1/predict", files=files, data={"task": "digits"}, timeout=60)  # warm
+        stalled = stalled_upload(url)
+        started = time.monotonic()
+        response = httpx.post(url + "/v1/predict", files=files, data={"task": "digits"}, timeout=60)
+        waited = time.monotonic() - started
+        stalled.settimeout(30)
+        answer = stalled.recv(4096).decode()
+        stalled.close()
+    assert response.status_code == 200
+    # A lone request is not held for --max-wait-ms (3 s) because another one is uploading.
+    assert waited < 1.5, f"the lone request waited {waited:.1f} s"
+    assert answer.startswith("HTTP/1.1 408") and "upload_timeout" in answer
