@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from serving_fixtures import save_two_task_model
 
 pytestmark = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="tune_allocator sets glibc's malloc (glibc only)"
@@ -60,3 +61,50 @@ def test_a_worker_thread_reuses_freed_activations_without_page_faults_once_tuned
     # the heap still grows by one block in a pass: hence the median of 7 passes).
     assert _faults_after_the_first_pass("untuned") > 10_000
     assert _faults_after_the_first_pass("tuned") < 1_000
+
+
+# A 3000 x 3000 RGBA PNG decoded and preprocessed as the server does, allocator tuned as the
+# server's; prints resident memory (MB) before and after.
+_RSS_AROUND_A_LARGE_UPLOAD = textwrap.dedent(
+    """
+    import io, json, sys
+    import numpy as np
+    from PIL import Image
+    from piggyback.runtime import tune_allocator
+
+    assert tune_allocator()
+    import piggyback.serving.app as app
+
+    if sys.argv[2] == "never":
+        app.RELEASE_AFTER_PIXELS = 10**12
+
+    def rss():
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS"))
+        return int(line.split()[1]) // 1024
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3000, 3000, 4), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, "PNG", compress_level=1)
+    data = buffer.getvalue()
+    del pixels, buffer
+    from piggyback import Predictor
+
+    engine = Predictor.from_pretrained(sys.argv[1], device="cpu")
+    before = rss()
+    app._prepared(engine, data, 0, engine.tasks[:1], 40_000_000)
+    print(json.dumps([before, rss()]))
+    """
+)
+
+
+def test_a_server_gives_back_what_decoding_a_large_upload_took(tiny_weights, tmp_path):
+    model = save_two_task_model(tmp_path / "m", tiny_weights)
+    grown = {}
+    for mode in ("never", "released"):
+        command = [sys.executable, "-c", _RSS_AROUND_A_LARGE_UPLOAD, str(model), mode]
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
+        before, after = json.loads(run.stdout)
+        grown[mode] = after - before
+    # Decoding takes ~150 MB (RGBA, then RGB, 9 megapixels); kept by the tuned allocator unless
+    # given back.
+    assert grown["never"] > 100 and grown["released"] < 30, grown

@@ -34,15 +34,33 @@ def tune_allocator() -> bool:
     environment instead). Not measured: lock contention on the one arena with many threads
     allocating large blocks at once (training's intra-op threads allocate little).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:  # not glibc (e.g. musl): leave the allocator alone
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
     return all([bool(mallopt(option, value)) for option, value in settings])  # a list: apply all
+
+
+def release_free_memory() -> bool:
+    """Hand memory freed inside the process back to the system (glibc's malloc_trim); returns
+    whether anything was released.
+
+    With `tune_allocator`, a server keeps its peak for good: after a few 9-megapixel uploads
+    decoded at once it held ~1 GB more than its working size. Called after such a rare large
+    image, this costs ~12 ms (a 9-megapixel PNG takes ~320 ms to decode) and gives it back.
+    """
+    trim = _glibc_function("malloc_trim")
+    return bool(trim(0)) if trim is not None else False
+
+
+def _glibc_function(name: str):
+    """A function of glibc through ctypes, or None on another platform or C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def available_cores() -> int:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from piggyback import __version__
 from piggyback.inputs import PreparedImage
 from piggyback.routing import AUTO
-from piggyback.runtime import available_cores
+from piggyback.runtime import available_cores, release_free_memory
 from piggyback.serving.batching import DynamicBatcher, OverloadedError
 from piggyback.serving.inputs import (
     PredictInput,
@@ -330,8 +330,17 @@ def _prepared(engine: Engine, raw: bytes, index: int, tasks: list[str], max_pixe
     prepare = getattr(engine, "prepare", None)
     if prepare is None:
         return picture
+    pixels = picture.width * picture.height
     # Already decoded (oriented RGB): as a PreparedImage, prepare does not decode a second copy.
-    return prepare(PreparedImage(picture), tasks, keep_picture=False)
+    prepared = prepare(PreparedImage(picture), tasks, keep_picture=False)
+    del picture
+    if pixels > RELEASE_AFTER_PIXELS:  # rare: give back what decoding it took (see runtime)
+        release_free_memory()
+    return prepared
+
+
+#: Images over this many pixels hand the memory their decoding took back to the system.
+RELEASE_AFTER_PIXELS = 8_000_000
 
 
 class _Counter:
