@@ -271,11 +271,12 @@ def _add_routes(
         """
         started = time.perf_counter()
         data = await _read_checked(request, settings, known)
-        with arriving:  # from here the request is about to join a batch (not while uploading:
-            images = await _decoded(data, engine, settings, decoding)  # a stalled upload would
-        tasks, top_k = data.tasks, data.top_k  # make every batch wait --max-wait-ms)
-        pairs = [(i, task) for i in range(len(images)) for task in tasks]
-        answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], top_k)
+        # Counted as arriving (batches wait for it) once its body is in, not while uploading:
+        # a stalled upload made every batch wait --max-wait-ms.
+        with arriving:
+            images = await _decoded(data, engine, settings, decoding)
+        pairs = [(i, task) for i in range(len(images)) for task in data.tasks]
+        answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], data.top_k)
         results = [
             _result(i, asked, answer) for (i, asked), answer in zip(pairs, answers, strict=True)
         ]
