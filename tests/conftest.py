@@ -75,6 +75,13 @@ class TinyConvNd(nn.Module):
         return self.head(torch.cat([a, b], 1))
 
 
+def resize_of(transform):
+    """The Resize step of a preprocessing pipeline (v2.Compose), wherever it stands."""
+    from torchvision.transforms import v2
+
+    return next(step for step in transform.transforms if isinstance(step, v2.Resize))
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial running statistics, so that eval-mode batch norm is not the identity."""
     generator = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import resize_of
 from PIL import Image
 from test_export import CLASSES, PREPROCESS, trained_model
 
@@ -141,7 +142,7 @@ def test_eval_transform_uses_the_recorded_preprocessing():
     # A recorded resize that is not the default 256/224 ratio is kept.
     model.task("pets").metadata.preprocess = PREPROCESS | {"resize_size": 32}
     assert resolve_preprocess(model, "pets")["resize_size"] == 32
-    assert eval_transform(model, "pets").transforms[0].size == [32]
+    assert resize_of(eval_transform(model, "pets")).size == [32]
 
 
 def test_preprocessing_falls_back_to_the_backbone_spec():
