@@ -7,6 +7,7 @@ layers for their files to be interchangeable. It is saved as JSON next to the ta
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +36,8 @@ class PiggybackConfig:
         init_value: the initial score (paper: 1e-2).
         layer_types: which layer families are masked (see LAYER_TYPES).
         include: glob patterns on module names; when given, only matching modules are masked.
-        exclude: glob patterns on module names that are never masked.
+        exclude: glob patterns on module names that are never masked. (For these and
+            `layer_types`, a single string is one entry.)
         mask_bias: also mask biases (the paper masks weights only).
         task_norms: give each task its own normalization parameters and running statistics,
             trained with the task; False keeps the backbone's normalization frozen in eval mode.
@@ -54,23 +56,40 @@ class PiggybackConfig:
     head: str | None = None
 
     def __post_init__(self) -> None:
-        self.layer_types = tuple(self.layer_types)
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        # One string is one entry: tuple("stem") would be ('s', 't', 'e', 'm'), masking the stem.
+        self.layer_types = _entries("layer_types", self.layer_types)
+        self.include = _entries("include", self.include)
+        self.exclude = _entries("exclude", self.exclude)
         self.validate()
 
     def validate(self) -> None:
         """Refuse settings that would silently give a broken or untrainable model."""
         if self.init not in ("ones", "uniform"):
             raise ValueError(f"init must be 'ones' or 'uniform', got {self.init!r}")
+        for name in ("threshold", "init_value"):  # NaN compares false: every weight off, silently
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        self._check_names()
         self.kind.check(self)
-        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+
+    def _check_names(self) -> None:
+        """Layer families, glob patterns and the head name are strings (an index may say else)."""
+        for name in ("include", "exclude"):
+            odd = [p for p in getattr(self, name) if not isinstance(p, str)]
+            if odd:
+                raise ValueError(f"{name} must be glob patterns (strings), got {odd}")
+        unknown = [t for t in self.layer_types if not isinstance(t, str) or t not in LAYER_TYPES]
         if unknown or not self.layer_types:
             raise ValueError(
                 f"layer_types must be a non-empty subset of {LAYER_TYPES}, got {unknown}"
             )
+        if self.head is not None and not isinstance(self.head, str):
+            raise ValueError(f"head must be a module name (a string) or None, got {self.head!r}")
 
     @property
     def kind(self):
@@ -88,6 +107,16 @@ class PiggybackConfig:
     def from_dict(cls, data: dict[str, Any]) -> PiggybackConfig:
         """Inverse of `to_dict`."""
         return strict_from_dict(cls, data, "PiggybackConfig keys")
+
+
+def _entries(name: str, value: Any) -> tuple:
+    """A tuple of entries from a list, a tuple or one string (a single entry)."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError as error:
+        raise ValueError(f"{name} must be a list of strings, got {value!r}") from error
 
 
 def strict_from_dict(cls: type, data: dict[str, Any], what: str):
