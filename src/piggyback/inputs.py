@@ -13,14 +13,17 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from piggyback.errors import DataError
+from piggyback.errors import DataError, TaskError
 from piggyback.images import decode_image
+
+if TYPE_CHECKING:
+    from piggyback.model import PiggybackModel
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -69,13 +72,53 @@ def decode(image: ImageInput) -> Image.Image | Tensor:
             raise DataError(
                 f"a preprocessed image must be a CHW tensor, got shape {tuple(image.shape)}"
             )
-        return image
+        return preprocessed(image)
     if isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
         return decode_image(image)
     raise DataError(
         f"cannot read an image from a {type(image).__name__}: expected a PIL image, a path, "
         "bytes or a preprocessed CHW tensor"
     )
+
+
+def preprocessed(tensor: Tensor) -> Tensor:
+    """A tensor taken as preprocessed, refused unless floating: uint8 pixels (what
+    torchvision.io.read_image returns) are neither scaled nor normalized, and guessing how is
+    how answers go silently wrong."""
+    if not tensor.is_floating_point():
+        raise DataError(
+            f"an image tensor of {tensor.dtype} cannot be used as given: tensors are taken as "
+            "preprocessed (float, resized and normalized as the task's preprocessing says); "
+            "preprocess it first, or pass the image file, its bytes or a PIL image"
+        )
+    return tensor
+
+
+def network_batch(batch: Any, model: PiggybackModel) -> Tensor:
+    """A preprocessed NCHW batch on `model`'s device, in its floating dtype (float64 or float16
+    tensors are converted: the values mean the same)."""
+    if not isinstance(batch, Tensor) or batch.dim() != 4:
+        shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+        raise DataError(
+            f"expected a preprocessed NCHW batch, got shape {shape}: for one CHW image pass "
+            "image[None]"
+        )
+    weights = (p for p in model.backbone.parameters() if p.is_floating_point())
+    reference = next(weights, None)
+    dtype = torch.float32 if reference is None else reference.dtype
+    return preprocessed(batch).to(model.device, dtype)
+
+
+def as_task_list(tasks: Any) -> list[str]:
+    """`tasks` as a list of names: one name (or "auto"), or a list of them."""
+    if isinstance(tasks, str):
+        return [tasks]
+    names = list(tasks) if isinstance(tasks, Iterable) else None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise TaskError(
+            f"tasks must be a task name, 'auto' or a list of them (one per image), got {tasks!r}"
+        )
+    return names
 
 
 def preprocess_key(preprocess: dict[str, Any]) -> str:
@@ -121,8 +164,11 @@ class PreparedImages:
     def __len__(self) -> int:
         return len(self.pictures)
 
-    def batch(self, indices: Sequence[int], preprocess: dict[str, Any]) -> Tensor:
-        """The pictures at `indices` as one NCHW batch prepared with `preprocess`.
+    def batch(
+        self, indices: Sequence[int], preprocess: dict[str, Any], user: str = "the task"
+    ) -> Tensor:
+        """The pictures at `indices` as one NCHW batch prepared with `preprocess` for `user`
+        (named in errors).
 
         Tensors given by the caller are taken as already preprocessed and used unchanged.
         """
@@ -140,6 +186,8 @@ class PreparedImages:
                 if not isinstance(picture, Tensor):
                     transform = transform or self._transform(preprocess)
                     picture = transform(picture)
+                else:
+                    _check_channels(index, picture, preprocess, user)
                 self._done[index, key] = picture
             tensors.append(self._done[index, key])
         shapes = {tuple(t.shape) for t in tensors}
@@ -149,3 +197,13 @@ class PreparedImages:
                 "tensors of one size per task, or PIL images / paths / bytes"
             )
         return torch.stack(tensors)
+
+
+def _check_channels(index: int, picture: Tensor, preprocess: dict[str, Any], user: str) -> None:
+    """A caller's tensor has as many channels as the preprocessing normalizes."""
+    channels = len(preprocess["mean"])
+    if picture.shape[0] != channels:
+        raise DataError(
+            f"image {index} is a tensor of {picture.shape[0]} channel(s), {user} takes "
+            f"{channels}: pass {channels}-channel CHW tensors, or PIL images / paths / bytes"
+        )

@@ -29,6 +29,8 @@ from piggyback.inputs import (
     PreparedImages,
     Transform,
     as_image_list,
+    as_task_list,
+    network_batch,
     prepare_image,
     preprocess_key,
 )
@@ -202,7 +204,7 @@ class Predictor:
         without it; a server calls it in its decoding threads so that the thread running the
         network does nothing else (`benchmarks/serve_load.py`). `keep_picture=False` drops the
         decoded picture (then only `tasks` can be asked for it, as they were when prepared)."""
-        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        names = as_task_list(tasks)
         self._assignment(names, len(names))  # unknown names fail here, not in the batch
         preprocesses = self._preprocesses(names)
         return prepare_image(image, preprocesses, self._transform, keep_picture=keep_picture)
@@ -229,8 +231,8 @@ class Predictor:
         CHW / NCHW tensors (used as given), or `prepare`'s results. A mixed batch runs each task
         once on its images.
         """
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
         items = as_image_list(images)
         wanted = self._assignment(tasks, len(items))
         if self.batch_invariant and len(items) > 1:  # each image exactly as if it came alone
@@ -281,10 +283,10 @@ class Predictor:
                 task, _sources(model, state), lambda: model.task_tensors(task)
             )
             with model.tensors_applied(task, tensors) as network:
-                return network(batch.to(model.device)), state.class_names
+                return network(network_batch(batch, model)), state.class_names
 
     def _assignment(self, tasks: str | Sequence[str], count: int) -> list[str]:
-        wanted = [tasks] * count if isinstance(tasks, str) else list(tasks)
+        wanted = [tasks] * count if isinstance(tasks, str) else as_task_list(tasks)
         if len(wanted) != count:
             raise TaskError(f"{len(wanted)} task names for {count} images: give one per image")
         known = set(self.tasks)
@@ -298,7 +300,8 @@ class Predictor:
     def _probabilities(
         self, task: str, prepared: PreparedImages, indices: list[int]
     ) -> tuple[Tensor, list[str] | None]:
-        logits, names = self._forward(prepared.batch(indices, self.preprocess(task)), task)
+        batch = prepared.batch(indices, self.preprocess(task), f"task {task!r}")
+        logits, names = self._forward(batch, task)
         return logits.float().softmax(dim=1).cpu(), names
 
     def _answer(
@@ -341,9 +344,10 @@ class Predictor:
         for name, profile in profiles.items():
             key = preprocess_key(profile.preprocess)
             if key not in by_key:
-                batch = prepared.batch(indices, profile.preprocess).to(self.model.device)
+                batch = prepared.batch(indices, profile.preprocess, "routing")
                 with torch.inference_mode():
-                    by_key[key] = self.model.backbone_features(batch).float().cpu()
+                    features = self.model.backbone_features(network_batch(batch, self.model))
+                by_key[key] = features.float().cpu()
             out[name] = by_key[key]
         return out
 
