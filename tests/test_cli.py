@@ -174,6 +174,25 @@ def test_route_fit_adds_prototypes_to_a_saved_task(trained_dir, tiny_data, tmp_p
     assert {row["routed_by"] for row in rows} == {"prototypes"}
 
 
+def test_route_fit_keeps_the_mask_codec_and_head_dtype_convert_chose(
+    trained_dir, tiny_data, tmp_path
+):
+    from piggyback.taskfile import read_task_file
+
+    directory = copied_with_a_second_task(trained_dir, tmp_path)
+    invoke("convert", directory, "--head-dtype", "float16", "--codec", "packed")
+    invoke("route-fit", directory, "--task", "copy", "--data", tiny_data, "--workers", 0)
+    meta, tensors = read_task_file(directory / "tasks" / "copy.safetensors")
+    assert (meta["codec"], meta["head_dtype"]) == ("packed", "float16")
+    assert meta["routing"] is not None and tensors["head/weight"].dtype == torch.float16
+
+
+def test_a_task_asked_for_twice_is_answered_once(trained_dir, tiny_data):
+    image = next((tiny_data / "test" / "class_2").iterdir())
+    once = invoke("predict", trained_dir, image, "--task", "colours")
+    assert invoke("predict", trained_dir, image, "--task", "colours", "--task", "colours") == once
+
+
 def test_info_describes_the_model_directory(trained_dir):
     text = invoke("info", trained_dir, "--verbose")
     assert "colours" in text and "sha256:" in text

@@ -291,3 +291,19 @@ def test_cli_convert_and_info(model_dir):
     assert bad.exit_code == 2 and "unknown mask codec 'brotli'" in bad.output
     bad = runner.invoke(app, ["convert", str(directory), "--head-dtype", "float8"])
     assert bad.exit_code == 2 and "head dtype must be one of" in bad.output
+
+
+def test_saving_a_loaded_model_again_keeps_each_tasks_codec_and_head_dtype(model_dir):
+    """`route-fit` saves a loaded model back: the storage `convert` chose must not be undone."""
+    directory, _ = model_dir
+    convert_model_dir(directory, "packed", "float16")
+    PiggybackModel.from_pretrained(directory, backbone()).save_pretrained(directory)
+    for name in ("t", "head_only"):
+        meta, tensors = taskfile.read_task_file(directory / "tasks" / f"{name}.safetensors")
+        assert (meta["codec"], meta["head_dtype"]) == ("packed", "float16")
+        assert tensors["head/weight"].dtype == torch.float16
+    again = PiggybackModel.from_pretrained(directory, backbone())
+    again.save_pretrained(directory, codec="zstd", head_dtype="float32")  # asked otherwise
+    meta, tensors = taskfile.read_task_file(directory / "tasks" / "t.safetensors")
+    assert (meta["codec"], meta["head_dtype"]) == ("zstd", "float32")
+    assert tensors["head/weight"].dtype == torch.float32

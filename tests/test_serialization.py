@@ -245,7 +245,7 @@ def test_refuses_wrong_mask_size_and_head_shapes(saved, tmp_path):
     wrong_head = rewrite_metadata(
         saved, tmp_path / "h.safetensors", lambda m: m.update(num_classes=9)
     )
-    refuse(wrong_head, match=r"head tensor 'bias': this model expects torch.float32 \(9,\)")
+    refuse(wrong_head, match=r"'num_classes' is 9, but its head tensors have \[3\] outputs")
 
 
 def test_refuses_loading_over_an_existing_task(saved):

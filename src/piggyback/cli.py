@@ -197,7 +197,8 @@ def predict(
     from piggyback.predict import predict_files
     from piggyback.predictor import AUTO, Predictor
 
-    load = None if AUTO in task else list(dict.fromkeys(task))  # auto may pick any task
+    task = list(dict.fromkeys(task))  # a task asked for twice is answered once
+    load = None if AUTO in task else task  # auto may pick any task
     predictor = Predictor.from_pretrained(
         model_dir, device=device, tasks=load, batch_invariant=batch_invariant
     )

@@ -22,14 +22,8 @@ import piggyback
 from piggyback.errors import TaskFileError
 from piggyback.fileio import META_KEY, atomic_path, content_checksum
 from piggyback.model_dir import index_lock, indexed_task_path, read_model_config
-from piggyback.taskfile import (
-    HEAD_DTYPES,
-    TASK_FORMAT_VERSION,
-    decode_masks,
-    encode_masks,
-    head_dtype_of,
-    read_task_file,
-)
+from piggyback.task_coding import HEAD_DTYPES, decode_masks, encode_masks, head_dtype_of
+from piggyback.taskfile import TASK_FORMAT_VERSION, read_task_file
 
 __all__ = ["convert_model_dir", "convert_task_file"]
 

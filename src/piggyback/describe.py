@@ -21,7 +21,8 @@ from piggyback.masks import fraction_on, weighted_fraction_on
 from piggyback.model_dir import indexed_task_path, read_model_config
 from piggyback.packing import unpack_codes
 from piggyback.repair import unindexed_task_files
-from piggyback.taskfile import decode_masks, read_task_file
+from piggyback.task_coding import decode_masks
+from piggyback.taskfile import read_task_file
 
 __all__ = ["describe_model_dir", "format_description", "task_file_storage"]
 

@@ -102,6 +102,19 @@ def original_heads(wrappers: dict[str, TaskHeads]) -> nn.Module:
     return next(iter(originals.values())) if len(originals) == 1 else HeadGroup(originals)
 
 
+def head_inputs(head: nn.Module) -> int | None:
+    """The feature width `head` takes (Linear in_features, conv in_channels; one width shared by
+    a HeadGroup's heads): what `PiggybackModel.backbone_features` gives. None when unknown."""
+    if isinstance(head, HeadGroup):
+        widths = {head_inputs(head.head(name)) for name in head.names()}
+        return widths.pop() if len(widths) == 1 else None
+    for attribute in ("in_features", "in_channels"):
+        value = getattr(head, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def heads_by_slot(head: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """The module for each head slot: `head`, or each of a HeadGroup's heads."""
     if isinstance(head, HeadGroup):

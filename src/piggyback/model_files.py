@@ -34,9 +34,10 @@ class ModelFiles:
         """Write one task to a safetensors file (coded masks, head, norms, metadata).
 
         codec: how masks are stored ("zstd": entropy-coded; "packed": 1 or 2 bits per weight);
-            None: "zstd" unless packed is smaller (tiny models).
+            None: as the file the task was loaded from stored them, else "zstd" unless packed
+            is smaller (tiny models).
         head_dtype: "float16" or "bfloat16" stores the head and task norms compactly (lossy);
-            None keeps them as they are.
+            None: as the task's file stored them, else as they are ("float32" widens them).
         """
         name = self.task(task).task_name
         return taskfile.save_task(self, name, Path(path), codec=codec, head_dtype=head_dtype)

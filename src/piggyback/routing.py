@@ -99,9 +99,12 @@ class RoutingProfile:
 
 
 def read_routing_profile(
-    path: Path, meta: Any, tensors: Mapping[str, Tensor]
+    path: Path, meta: Any, tensors: Mapping[str, Tensor], features: int | None = None
 ) -> RoutingProfile | None:
-    """The routing profile stored in a task file, or None for files saved without one."""
+    """The routing profile stored in a task file, or None for files saved without one.
+
+    `features`: the width of the backbone's features (None: unknown); prototypes of another
+    width would load and only fail at the first `tasks="auto"`."""
     prototypes = tensors.get(PROTOTYPES_KEY)
     if meta is None and prototypes is None:
         return None
@@ -120,6 +123,11 @@ def read_routing_profile(
             f"{path}: malformed routing data (metadata {json.dumps(meta)[:200]}, prototypes "
             f"{found}); expected method {METHOD!r} with a 2-d '{PROTOTYPES_KEY}' tensor. "
             "Compute it again with `piggyback route-fit`"
+        )
+    if features is not None and prototypes.shape[1] != features:
+        raise TaskFileError(
+            f"{path}: its routing prototypes have {prototypes.shape[1]} features, but this "
+            f"backbone gives {features}: compute them again with `piggyback route-fit`"
         )
     return RoutingProfile(
         prototypes, dict(meta["preprocess"]), int(meta["images"]), str(meta["method"])

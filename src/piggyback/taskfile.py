@@ -12,8 +12,9 @@ metadata too; `codec` always "packed": ceil(P * bits / 8) bytes) are still read.
 coded by any codec of `mask_codecs` (by default "zstd": entropy-coded, about 0.1-0.3 bit per
 weight for learned masks) with its `codec_params`, and `head_dtype`: the head and the task's
 normalization tensors may be stored in float16 or bfloat16 (lossy, so only on request); they are
-widened back to the model's dtype when loaded. In memory a loaded task's masks are always the
-packed codes, whatever the file's codec.
+widened back to the model's dtype when loaded (`task_coding`). In memory a loaded task's masks
+are always the packed codes, whatever the file's codec. A loaded task remembers its file's codec
+and head dtype, and is saved again with them unless the caller asks for others.
 """
 
 from __future__ import annotations
@@ -28,13 +29,23 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import piggyback
-from piggyback.errors import FingerprintMismatchError, TaskError, TaskFileError
+from piggyback.errors import DataError, FingerprintMismatchError, TaskError, TaskFileError
 from piggyback.fileio import META_KEY, content_checksum, read_checked_safetensors, write_atomic
-from piggyback.heads import new_head
-from piggyback.mask_codecs import DEFAULT_MASK_CODEC, get_mask_codec, mask_codec_names
+from piggyback.heads import head_inputs, new_head
+from piggyback.mask_codecs import mask_codec_names
 from piggyback.methods import FileTensors, get_method, method_names
 from piggyback.packing import packed_size, unpack_codes
 from piggyback.routing import read_routing_profile
+from piggyback.task_coding import (  # HEAD_DTYPES: also read from here
+    CODED_FROM,
+    HEAD_DTYPES,
+    PACKED,
+    compact,
+    decode_masks,
+    encode_masks,
+    stored_as,
+    widened,
+)
 from piggyback.tasks import TaskMetadata, TaskState
 
 if TYPE_CHECKING:
@@ -43,59 +54,6 @@ if TYPE_CHECKING:
 TASK_FORMAT = "piggyback-task"
 TASK_FORMAT_VERSION = 3
 CHECKED_FROM = 2  # the first version whose checksum covers the metadata
-CODED_FROM = 3  # the first version whose masks may be coded by another codec than "packed"
-PACKED = "packed"
-HEAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPACT_PREFIXES = ("head/", "norm/")  # what --head-dtype stores compactly
-
-
-# -- masks and compact tensors ------------------------------------------------------------------
-
-
-def encode_masks(
-    packed: Tensor, sizes: list[int], bits: int, codec: str | None
-) -> tuple[Tensor, str, dict[str, Any]]:
-    """(stored masks, codec name, its params) of packed masks. `codec=None` is the default:
-    entropy-coded, unless that is not smaller than packed (tiny models)."""
-    codes = unpack_codes(packed.cpu(), sum(sizes), bits)
-    name = codec or DEFAULT_MASK_CODEC
-    data, params = get_mask_codec(name).encode(codes, sizes, bits)
-    if codec is None and data.numel() >= packed.numel():
-        return packed.cpu(), PACKED, {}
-    return data, name, params
-
-
-def decode_masks(path: Path, meta: dict[str, Any], data: Tensor, sizes: list[int]) -> Tensor:
-    """The packed masks stored in a (checked) file, decoded by its codec."""
-    params = meta.get("codec_params") or {}
-    if not isinstance(params, dict):
-        raise TaskFileError(f"{path}: 'codec_params' must be a JSON object, found {params!r}")
-    bits = meta.get("bits_per_weight")
-    if type(bits) is not int or bits < 1:
-        raise TaskFileError(f"{path}: 'bits_per_weight' missing or malformed ({bits!r})")
-    try:
-        return get_mask_codec(meta.get("codec", PACKED)).decode(data, params, sizes, bits)
-    except TaskFileError as error:
-        raise TaskFileError(f"{path}: {error}") from error
-    except ValueError as error:  # bits the packing does not support
-        raise TaskFileError(f"{path}: {error}") from error
-
-
-def compact(tensors: dict[str, Tensor], head_dtype: str | None) -> dict[str, Tensor]:
-    """The floating head and norm tensors in `head_dtype` (all tensors as they are if None)."""
-    if head_dtype is None:
-        return tensors
-    dtype = head_dtype_of(head_dtype)
-    return {
-        k: v.to(dtype) if k.startswith(COMPACT_PREFIXES) and v.is_floating_point() else v
-        for k, v in tensors.items()
-    }
-
-
-def head_dtype_of(name: str) -> torch.dtype:
-    if name not in HEAD_DTYPES:
-        raise ValueError(f"head dtype must be one of {list(HEAD_DTYPES)}, got {name!r}")
-    return HEAD_DTYPES[name]
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -105,8 +63,9 @@ def task_tensors(
     model: PiggybackModel, name: str, codec: str | None = None, head_dtype: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors of a task file, by file key (CPU, contiguous, no shared storage), and the
-    metadata of its masks' codec."""
+    metadata of its masks' codec. None for `codec` / `head_dtype`: as the task's file stored it."""
     state = model.task(name)
+    codec, head_dtype = codec or state.stored_as[0], head_dtype or state.stored_as[1]
     tensors = dict(state.method.file_tensors(state, model))
     coding: dict[str, Any] = {"codec": PACKED, "codec_params": {}}
     if "masks" in tensors:
@@ -163,8 +122,9 @@ def save_task(
     codec: str | None = None,
     head_dtype: str | None = None,
 ) -> Path:
-    """Write task `name` of `model` to `path` atomically: masks coded by `codec` (None: the
-    default, see `encode_masks`), head and norms in `head_dtype` (None: as the model has them)."""
+    """Write task `name` of `model` to `path` atomically: masks coded by `codec`, head and norms
+    in `head_dtype`. None: as the file the task was loaded from stored them, else the default
+    codec (see `encode_masks`) and the head as the model has it."""
     tensors, coding = task_tensors(model, name, codec, head_dtype)
     return write_task_file(path, tensors, task_metadata(model, name, tensors, coding))
 
@@ -178,10 +138,25 @@ def write_task_file(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]
 
 
 def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Metadata and tensors of a task file, checked (format, version, checksum, codec)."""
+    """Metadata and tensors of a task file, checked (format, version, checksum, codec, head
+    dtype, preprocessing record)."""
     meta, tensors = read_checked_safetensors(
         path, TASK_FORMAT, TASK_FORMAT_VERSION, "task file", checked_from=CHECKED_FROM
     )
+    _check_coding(path, meta)
+    info = meta.get("info")
+    if isinstance(info, dict) and info.get("preprocess") is not None:
+        _check_preprocess(path, "info.preprocess", info["preprocess"], partial=True)
+    return meta, tensors
+
+
+def _check_coding(path: Path, meta: dict[str, Any]) -> None:
+    """The codec and head dtype are names this piggyback reads (else: upgrade it)."""
+    for key, what in (("codec", "codec"), ("head_dtype", "dtype")):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise TaskFileError(
+                f"{path}: '{key}' must be null or a {what} name, found {meta[key]!r}"
+            )
     codec = meta.get("codec", PACKED)
     if codec != PACKED and meta["format_version"] < CODED_FROM:
         raise TaskFileError(f"{path}: version {meta['format_version']} files hold packed masks")
@@ -196,27 +171,25 @@ def read_task_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"{path}: head stored as {head_dtype!r}, which this piggyback "
             f"({piggyback.__version__}) does not read ({list(HEAD_DTYPES)}): upgrade piggyback"
         )
-    return meta, tensors
 
 
-def widened(path: Path, meta: dict[str, Any], found: dict[str, Tensor], expected: dict) -> dict:
-    """Compactly stored floating tensors (`head_dtype`) in the dtype the model expects, after
-    checking that they were stored in the dtype the file says."""
-    head_dtype = meta.get("head_dtype")
-    if head_dtype is None:
-        return found
-    dtype = HEAD_DTYPES[head_dtype]
-    out = {}
-    for name, tensor in found.items():
-        want = expected.get(name)
-        if tensor.is_floating_point() and want is not None and want.is_floating_point():
-            if tensor.dtype != dtype:
-                raise TaskFileError(
-                    f"{path}: tensor {name!r} is {tensor.dtype}, the file says {head_dtype}"
-                )
-            tensor = tensor.to(want.dtype)
-        out[name] = tensor
-    return out
+#: Stand-ins for the keys a partial task preprocessing record lacks (hand-made tasks save those;
+#: it is `predict` that needs them, and says so), so that the values present are still checked.
+_UNCHECKED_PREPROCESS = {"image_size": 1, "mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def _check_preprocess(path: Path, key: str, record: Any, *, partial: bool = False) -> None:
+    """Refuse a preprocessing record that would load and only fail in `predict` or `info`:
+    not an object, unknown keys, values of the wrong type or size, or (unless `partial`)
+    missing keys."""
+    from piggyback.preprocess import Preprocess  # imports torchvision: lazily
+
+    try:
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, found {json.dumps(record)[:80]}")
+        Preprocess.from_dict(_UNCHECKED_PREPROCESS | record if partial else record)
+    except (DataError, TypeError) as error:
+        raise TaskFileError(f"{path}: {key!r} is malformed ({error})") from error
 
 
 def check_backbone(model: PiggybackModel, source: Path, found: Any, spec: Any = None) -> None:
@@ -338,9 +311,22 @@ class FileReader(FileTensors):
         return _like(found, backbone)
 
 
-def _build_head(model: PiggybackModel, path: Path, meta: dict, found: dict[str, Tensor]):
+def _head_classes(path: Path, meta: dict, found: dict[str, Tensor]) -> int | None:
+    """The classes of a newly built head (None: a copy of the backbone's), checked against the
+    file's head tensors (each has one row per class) before a head that large is built."""
     num_classes = meta.get("num_classes")
-    head_classes = num_classes if type(num_classes) is int and num_classes >= 1 else None
+    if type(num_classes) is not int or num_classes < 1:
+        return None
+    outputs = sorted({t.shape[0] for t in found.values() if t.dim() >= 1})
+    if outputs != [num_classes]:
+        raise TaskFileError(
+            f"{path}: 'num_classes' is {num_classes}, but its head tensors have {outputs} outputs"
+        )
+    return num_classes
+
+
+def _build_head(model: PiggybackModel, path: Path, meta: dict, found: dict[str, Tensor]):
+    head_classes = _head_classes(path, meta, found)
     head = new_head(model.original_head, head_classes, seed=0)
     found = widened(path, meta, found, head.state_dict())
     _check_named_tensors(path, "head", found, head.state_dict())
@@ -369,7 +355,10 @@ def build_task_state(
     method.load_file_tensors(state, model, reader)
     if _take(tensors, "norm/"):
         state.copy_tensors(state.norms, reader.backbone_like("norm/", model.norm_names))
-    state.routing = read_routing_profile(path, meta.get("routing"), tensors)
+    state.routing = read_routing_profile(path, meta.get("routing"), tensors, head_inputs(head))
+    if state.routing is not None:
+        _check_preprocess(path, "routing.preprocess", state.routing.preprocess)
+    state.stored_as = stored_as(meta)
     state.freeze(model.targets, model.config)
     return state
 

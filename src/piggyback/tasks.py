@@ -175,6 +175,9 @@ class TaskState(nn.Module):
         self.weights = TensorStore()  # finetune: a copy of every backbone tensor
         # Feature prototypes for routing inputs to this task (`piggyback.routing`), or None.
         self.routing = None
+        # (codec, head dtype) its task file chose (`task_coding.stored_as`): saving it again
+        # keeps what `piggyback convert` set, unless the caller asks otherwise.
+        self.stored_as: tuple[str | None, str | None] = (None, None)
 
     # -- description ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from piggyback.device import PRECISIONS
 from piggyback.mask_kinds import mask_kind_names
 from piggyback.methods import get_method, method_names
 from piggyback.options import check_option, flag_name, option, option_fields
-from piggyback.taskfile import HEAD_DTYPES
+from piggyback.task_coding import HEAD_DTYPES
 from piggyback.tasks import check_task_name
 
 if sys.version_info >= (3, 11):
