@@ -101,7 +101,7 @@ class BodyLimit:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise self._too_slow() from None  # inside the route: its handler answers
             complete = not message.get("more_body", False)
             received += len(message.get("body", b""))
