@@ -54,3 +54,18 @@ def test_a_top_k_that_is_not_a_whole_number_is_refused(predictor, top_k):
 def test_tasks_that_are_not_names_are_refused(predictor, tasks):
     with pytest.raises(TaskError, match="tasks must be a task name, 'auto' or a list of them"):
         predictor.predict(batch(0, count=1), tasks)
+
+
+def test_images_as_a_memoryview_are_bytes_and_none_is_refused(predictor):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(buffer, "PNG")
+    from_bytes = predictor.predict(buffer.getvalue(), "a")
+    assert predictor.predict(memoryview(buffer.getvalue()), "a") == from_bytes
+    assert predictor.predict([memoryview(buffer.getvalue())], "a") == from_bytes
+    for bad in (None, 5):
+        with pytest.raises(DataError, match="cannot read images from a"):
+            predictor.predict(bad, "a")

@@ -61,6 +61,13 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
         )
     if isinstance(images, Image.Image | str | os.PathLike | bytes | bytearray | PreparedImage):
         return [images]
+    if isinstance(images, memoryview):  # a buffer of one file's bytes, not a list of numbers
+        return [bytes(images)]
+    if not isinstance(images, Iterable):
+        raise DataError(
+            f"cannot read images from a {type(images).__name__}: pass an image (PIL image, "
+            "path, bytes, CHW tensor) or a list of them"
+        )
     return list(images)
 
 
@@ -73,6 +80,8 @@ def decode(image: ImageInput) -> Image.Image | Tensor:
                 f"a preprocessed image must be a CHW tensor, got shape {tuple(image.shape)}"
             )
         return preprocessed(image)
+    if isinstance(image, memoryview):
+        image = bytes(image)
     if isinstance(image, Image.Image | str | os.PathLike | bytes | bytearray):
         return decode_image(image)
     raise DataError(
