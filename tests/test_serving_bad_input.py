@@ -103,6 +103,17 @@ CASES = {
         "missing_image",
         "'image'",
     ),
+    "multipart_cut_short": (
+        lambda c: c.post(
+            "/v1/predict",
+            content=b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"\r\n" + GOOD[:100],
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        ),
+        400,
+        "missing_image",
+        "without its closing boundary",
+    ),
     "bomb_header": (
         lambda c: post(c, png_announcing(200_000, 200_000)),
         413,
@@ -227,7 +238,7 @@ def test_memory_does_not_grow_over_many_bad_requests(client):
         round_of_bad_requests()
     gc.collect()
     before, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(15):  # 15 x 18 bad requests
+    for _ in range(15):  # 15 rounds of every case above
         round_of_bad_requests()
     gc.collect()
     grown = rss_bytes() - before

@@ -94,7 +94,9 @@ async def _read(request: Request, default_top_k: int) -> PredictInput:
             "(file field 'image') or application/json (base64 'image')",
         )
     if not images:
-        raise RequestError(400, "missing_image", _MISSING_IMAGE)
+        cut_short = " (a multipart body cut short, without its closing boundary, has none)"
+        message = _MISSING_IMAGE + (cut_short if kind == "multipart/form-data" else "")
+        raise RequestError(400, "missing_image", message)
     for index, data in enumerate(images):
         if not data:
             raise RequestError(400, "empty_image", f"image {index} is empty (0 bytes)")
