@@ -398,3 +398,23 @@ def test_version():
     from piggyback import __version__
 
     assert invoke("--version").strip() == f"piggyback {__version__}"
+
+
+def test_info_reads_task_records_without_loading_torchvision(trained_dir):
+    """Checking a task's preprocessing record must not import the image stack: it made
+    `piggyback info` twice as slow to start."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from typer.testing import CliRunner; from piggyback.cli import app; "
+        f"result = CliRunner().invoke(app, ['info', {str(trained_dir)!r}]); "
+        "print(result.exit_code, 'torchvision' in sys.modules)"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["0", "False"]

@@ -18,12 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from torchvision.transforms import v2
-
 from piggyback.data.transforms import build_transforms, resize_size
 from piggyback.errors import BackboneError, DataError
 
 if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
     from piggyback.model import PiggybackModel
 
 __all__ = ["Preprocess", "eval_transform", "resolve_preprocess", "task_preprocess"]

@@ -9,13 +9,15 @@ from `piggyback.preprocess.Preprocess` (the backbone's own crop fraction where i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
 
 from piggyback.errors import DataError
+
+if TYPE_CHECKING:  # torchvision loads with the first pipeline: reading a task's record of
+    from torchvision.transforms import v2  # its preprocessing (`piggyback info`) needs none
 
 MAX_ASPECT_RATIO = 16
 
@@ -69,6 +71,8 @@ def build_transforms(
 
     `resize` is the short side before cropping (default: `resize_size(image_size)`).
     """
+    from torchvision.transforms import InterpolationMode, v2
+
     try:
         mode = InterpolationMode(interpolation)
     except ValueError as error:
