@@ -18,7 +18,8 @@ from test_cli import runner
 from piggyback.cli import app
 
 
-def test_bad_options_and_missing_model_are_one_line_errors(tmp_path):
+def test_bad_options_and_missing_model_are_one_line_errors(tiny_weights, tmp_path):
+    model = str(save_two_task_model(tmp_path / "model", tiny_weights))
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -26,9 +27,10 @@ def test_bad_options_and_missing_model_are_one_line_errors(tmp_path):
     for args, words in [
         (["serve", str(tmp_path), "--max-batch-size", "0"], "--max-batch-size must be a finite"),
         (["serve", str(tmp_path), "--max-wait-ms", "nan"], "--max-wait-ms must be a finite"),
-        (["serve", str(tmp_path), "--port", "70000"], "--port must be 0-65535, got 70000"),
-        (["serve", str(tmp_path), "--host", "bad host!"], "not an address of this machine"),
-        (["serve", str(tmp_path), "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
+        (["serve", model, "--port", "70000"], "--port must be 0-65535, got 70000"),
+        (["serve", model, "--host", "bad host!"], "not an address of this machine"),
+        (["serve", model, "--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
+        (["serve", str(tmp_path), "--port", busy], "not a piggyback model directory"),
         (["serve", str(tmp_path / "missing")], "not a piggyback model directory"),
         (["serve", str(tmp_path), "--ray", "--batch-threads", "2"], "not to --ray replicas"),
         (["serve", str(tmp_path), "--batch-threads", "-1"], "--batch-threads must be >= 1, got -1"),

@@ -96,3 +96,23 @@ def test_a_stalled_upload_neither_delays_other_clients_nor_stays_open(engine):
     # A lone request is not held for --max-wait-ms (3 s) because another one is uploading.
     assert waited < 1.5, f"the lone request waited {waited:.1f} s"
     assert answer.startswith("HTTP/1.1 408") and "upload_timeout" in answer
+
+
+def test_the_port_is_bound_on_every_address_of_the_host_but_refuses_until_serving():
+    from piggyback.serving.sockets import bound_sockets, url_of
+
+    wanted = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets = bound_sockets("localhost", 0)
+    try:
+        assert {s.family for s in sockets} == {info[0] for info in wanted}
+        address = sockets[0].getsockname()
+        with pytest.raises(ConnectionRefusedError):  # bound, not listening: the model loads
+            socket.create_connection(address[:2], timeout=5).close()
+        assert url_of("localhost", sockets) == f"http://localhost:{address[1]}"
+    finally:
+        for sock in sockets:
+            sock.close()
+    everywhere = bound_sockets("", 0)  # "" is every interface, as uvicorn took it
+    assert everywhere[0].getsockname()[0] in ("0.0.0.0", "::")
+    for sock in everywhere:
+        sock.close()

@@ -13,7 +13,6 @@ been read and decoded already, and its forward pass is what every client waits f
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +23,13 @@ import torch
 
 from piggyback.runtime import available_cores
 from piggyback.serving.app import Engine, ServeSettings, create_app
+from piggyback.serving.sockets import bound_sockets, url_of
 
 __all__ = [
     "ThreadsPerBatch",
     "available_cores",
     "configure_process",
     "default_threads",
-    "listening_socket",
     "running_server",
     "serve",
 ]
@@ -119,76 +118,51 @@ def serve(
     (`batch_invariant`: see `Predictor`; `threads`, `batch_threads`: see the module's doc)."""
     import uvicorn
 
+    from piggyback.model_dir import read_model_config
     from piggyback.predictor import Predictor
 
     if batch_threads is not None and batch_threads < 1:
         raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
     count = configure_process(threads)
-    listening = listening_socket(host, port)  # a taken port or a bad address: before loading
-    predictor = Predictor.from_pretrained(
-        model_dir, device=device, max_cached_tasks=max_cached_tasks, batch_invariant=batch_invariant
-    )
-    settings = settings or ServeSettings.with_env_key()
-    engine = ThreadsPerBatch(predictor, small=count, large=batch_threads or available_cores())
-    app = create_app(engine, settings)
-    threading_note = f"{count} torch thread(s)"
-    if engine.large != engine.small and settings.max_batch_size >= engine.large_from:
-        threading_note += f", {engine.large} for batches of {engine.large_from} or more"
-    print(
-        f"serving {len(predictor.tasks)} task(s) of {model_dir} on {_url(listening)} "
-        f"({device}, {threading_note}{', batch-invariant' if batch_invariant else ''}; "
-        "API docs at /docs)",
-        flush=True,
-    )
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        # Ctrl-C / SIGTERM: requests in flight get this long to finish (one stalled upload
-        # otherwise kept the server up until SIGKILL).
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    # uvicorn re-raises the Ctrl-C it handled once the server has shut down (uvicorn.run, which
-    # cannot take a bound socket, swallows it the same way).
-    with listening, contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run(sockets=[listening])
+    read_model_config(Path(model_dir))  # a wrong directory is named before the port is bound
+    sockets = bound_sockets(host, port)  # a taken port or a bad address: before loading
+    try:
+        predictor = Predictor.from_pretrained(
+            model_dir,
+            device=device,
+            max_cached_tasks=max_cached_tasks,
+            batch_invariant=batch_invariant,
+        )
+        settings = settings or ServeSettings.with_env_key()
+        engine = ThreadsPerBatch(predictor, small=count, large=batch_threads or available_cores())
+        threading_note = f"{count} torch thread(s)"
+        if engine.large != engine.small and settings.max_batch_size >= engine.large_from:
+            threading_note += f", {engine.large} for batches of {engine.large_from} or more"
+        print(
+            f"serving {len(predictor.tasks)} task(s) of {model_dir} on {url_of(host, sockets)} "
+            f"({device}, {threading_note}{', batch-invariant' if batch_invariant else ''}; "
+            "API docs at /docs)",
+            flush=True,
+        )
+        config = uvicorn.Config(
+            create_app(engine, settings),
+            log_level=log_level,
+            access_log=False,
+            # Ctrl-C / SIGTERM: requests in flight get this long to finish (one stalled upload
+            # otherwise kept the server up until SIGKILL).
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
+        # uvicorn re-raises the Ctrl-C it handled once the server has shut down (uvicorn.run,
+        # which cannot take bound sockets, swallows it the same way).
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 #: Seconds requests in flight get to finish after Ctrl-C or SIGTERM.
 SHUTDOWN_GRACE_S = 10
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port and listening, or one ValueError saying why not.
-
-    Bound before the model loads, so that a taken port or a mistyped address fails at once,
-    and the "serving on" line names the address really bound.
-    """
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port must be 0-65535, got {port}")
-    try:
-        family, kind, protocol, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as error:
-        raise ValueError(f"--host {host!r} is not an address of this machine: {error}") from None
-    sock = socket.socket(family, kind, protocol)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as error:
-        sock.close()
-        reason = error.strerror or str(error)
-        raise ValueError(
-            f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
-        ) from None
-    return sock
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @contextlib.contextmanager
