@@ -15,9 +15,17 @@ import torch
 
 
 def _git_commit() -> str | None:
+    """The commit of the piggyback source imported (a worktree's, under PYTHONPATH), not of the
+    directory the benchmark was started from."""
+    import piggyback
+
+    source = Path(piggyback.__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return None

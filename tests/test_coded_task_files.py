@@ -307,3 +307,14 @@ def test_saving_a_loaded_model_again_keeps_each_tasks_codec_and_head_dtype(model
     meta, tensors = taskfile.read_task_file(directory / "tasks" / "t.safetensors")
     assert (meta["codec"], meta["head_dtype"]) == ("zstd", "float32")
     assert tensors["head/weight"].dtype == torch.float32
+
+
+def test_a_task_trained_further_is_saved_as_asked_not_as_its_file_was(model_dir):
+    """float16 heads are lossy, so only on request: not again after the task is trained more."""
+    directory, _ = model_dir
+    convert_model_dir(directory, "packed", "float16")
+    model = PiggybackModel.from_pretrained(directory, backbone())
+    model.unfreeze_task("t")
+    model.save_pretrained(directory)
+    meta, tensors = taskfile.read_task_file(directory / "tasks" / "t.safetensors")
+    assert meta["head_dtype"] is None and tensors["head/weight"].dtype == torch.float32

@@ -69,3 +69,15 @@ def test_images_as_a_memoryview_are_bytes_and_none_is_refused(predictor):
     for bad in (None, 5):
         with pytest.raises(DataError, match="cannot read images from a"):
             predictor.predict(bad, "a")
+
+
+def test_numpy_numbers_are_taken_where_python_numbers_are(predictor):
+    import numpy as np
+
+    from piggyback import PiggybackConfig
+
+    images = batch(0, count=2)
+    assert predictor.predict(images, "a", top_k=np.int64(2)) == predictor.predict(
+        images, "a", top_k=2
+    )
+    assert PiggybackConfig(threshold=np.float32(5e-3)).threshold == np.float32(5e-3)

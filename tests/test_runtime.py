@@ -73,10 +73,10 @@ _RSS_AROUND_A_LARGE_UPLOAD = textwrap.dedent(
     from piggyback.runtime import tune_allocator
 
     assert tune_allocator()
-    import piggyback.serving.app as app
+    import piggyback.serving.decoding as decoding
 
     if sys.argv[2] == "never":
-        app.RELEASE_AFTER_PIXELS = 10**12
+        decoding.RELEASE_AFTER_PIXELS = 10**12
 
     def rss():
         line = next(l for l in open("/proc/self/status") if l.startswith("VmRSS"))
@@ -91,7 +91,7 @@ _RSS_AROUND_A_LARGE_UPLOAD = textwrap.dedent(
 
     engine = Predictor.from_pretrained(sys.argv[1], device="cpu")
     before = rss()
-    app._prepared(engine, data, 0, engine.tasks[:1], 40_000_000)
+    decoding.prepared_upload(engine, data, 0, engine.tasks[:1], 40_000_000)
     print(json.dumps([before, rss()]))
     """
 )

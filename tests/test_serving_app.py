@@ -213,6 +213,9 @@ def test_api_key_guards_every_route_but_health_and_reveals_nothing(engine, monke
         lower = {"Authorization": "bearer s3cret"}  # the scheme's case does not matter
         assert client.get("/v1/tasks", headers=lower).status_code == 200
         assert client.head("/health").status_code == 200  # uptime checks probe with HEAD
+        head, get = client.head("/"), client.get("/")
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["content-length"] == get.headers["content-length"]
         wrong_method = client.get("/v1/predict", headers=auth)
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         ok = client.post(

@@ -112,7 +112,7 @@ CASES = {
         ),
         400,
         "missing_image",
-        "without its closing boundary",
+        "cut short",
     ),
     "bomb_header": (
         lambda c: post(c, png_announcing(200_000, 200_000)),
@@ -163,6 +163,7 @@ CASES = {
     ),
     "bad_top_k": (lambda c: post(c, GOOD, top_k="-2"), 400, "bad_top_k", "-2"),
     "wrong_method": (lambda c: c.get("/v1/predict"), 405, "method_not_allowed", ""),
+    "task_zero": (json_post({"image": b64(GOOD), "task": 0}), 400, "bad_task", "task name"),
     "images_not_a_list": (json_post({"image": b64(GOOD), "images": 5}), 400, "bad_json", "list"),
     "data_url_without_comma": (
         json_post({"image": "data:image/png;base64"}),

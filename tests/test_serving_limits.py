@@ -34,7 +34,7 @@ def upload(client, data: bytes, **fields):
     [
         ({"max_wait_ms": float("nan")}, "--max-wait-ms must be a finite number >= 0, got nan"),
         ({"max_upload_mb": float("inf")}, "--max-upload-mb must be a finite number"),
-        ({"max_upload_mb": 1e-9}, "--max-upload-mb must be a finite number >= 9.53674e-07"),
+        ({"max_upload_mb": 1e-9}, r"--max-upload-mb must be a finite number >= one byte"),
         ({"max_batch_size": 0}, "--max-batch-size must be a finite number >= 1, got 0"),
         ({"decode_threads": 0}, "--decode-threads must be a finite number >= 1"),
         ({"api_key": "clé"}, "printable ASCII"),
@@ -44,6 +44,10 @@ def upload(client, data: bytes, **fields):
 def test_settings_that_cannot_work_are_refused_with_the_option_named(values, words):
     with pytest.raises(ValueError, match=words):
         ServeSettings(**values)
+
+
+def test_an_empty_api_key_is_no_key():
+    assert ServeSettings(api_key="").api_key is None
 
 
 def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,7 +69,7 @@ class PiggybackConfig:
             raise ValueError(f"init must be 'ones' or 'uniform', got {self.init!r}")
         for name in ("threshold", "init_value"):  # NaN compares false: every weight off, silently
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy too
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")

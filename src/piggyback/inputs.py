@@ -10,6 +10,7 @@ per distinct preprocessing (`PreparedImages`).
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,16 @@ def as_task_list(tasks: Any) -> list[str]:
             f"tasks must be a task name, 'auto' or a list of them (one per image), got {tasks!r}"
         )
     return names
+
+
+def whole_number(value: object) -> int | None:
+    """`value` as an int when it is one (numpy integers too), else None (bools included)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def preprocess_key(preprocess: dict[str, Any]) -> str:

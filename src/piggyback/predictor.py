@@ -33,6 +33,7 @@ from piggyback.inputs import (
     network_batch,
     prepare_image,
     preprocess_key,
+    whole_number,
 )
 from piggyback.model import PiggybackModel
 from piggyback.routing import (
@@ -231,8 +232,9 @@ class Predictor:
         CHW / NCHW tensors (used as given), or `prepare`'s results. A mixed batch runs each task
         once on its images.
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if (k := whole_number(top_k) or 0) < 1:
             raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+        top_k = k  # numpy integers too
         items = as_image_list(images)
         wanted = self._assignment(tasks, len(items))
         if self.batch_invariant and len(items) > 1:  # each image exactly as if it came alone

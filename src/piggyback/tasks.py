@@ -236,6 +236,7 @@ class TaskState(nn.Module):
     def unfreeze(self, targets: list[MaskTarget], config: PiggybackConfig) -> None:
         """FROZEN -> TRAINABLE: scores rebuilt from the packed masks, reproducing them exactly."""
         self._move_to(TaskPhase.TRAINABLE)
+        self.stored_as = (None, None)  # trained further: saved as asked, not as its file was
         if self.packed_masks is not None:
             with torch.no_grad():
                 masks = self.masks(targets, config)

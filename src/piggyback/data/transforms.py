@@ -26,10 +26,10 @@ class CapAspectRatio:
     """Crop the long side of a PIL image to at most `max_ratio` times its short side, centred.
 
     Resizing the short side first makes a thin image huge: a 40000 x 1 PNG of 200 bytes became
-    a 5,840,000 x 146 picture (4 GB in a server) before the crop kept 128 x 128 of it. The crops
-    that follow only ever use about a short side's length around the centre (RandomResizedCrop's
-    widest crop is 4:3), so images up to `max_ratio` are left untouched and longer ones lose
-    only borders no crop reaches (their sampling grid may shift by under a pixel).
+    a 5,840,000 x 146 picture (4 GB in a server) before the crop kept 128 x 128 of it. Images up
+    to `max_ratio` are left untouched. For longer ones, evaluation's centre crop never reaches
+    the borders cut (its sampling grid may shift by under a pixel); training's random crops
+    could, so on such rare images training sees only their central 16:1.
     """
 
     def __init__(self, max_ratio: float = MAX_ASPECT_RATIO) -> None:

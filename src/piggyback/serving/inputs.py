@@ -94,9 +94,7 @@ async def _read(request: Request, default_top_k: int) -> PredictInput:
             "(file field 'image') or application/json (base64 'image')",
         )
     if not images:
-        cut_short = " (a multipart body cut short, without its closing boundary, has none)"
-        message = _MISSING_IMAGE + (cut_short if kind == "multipart/form-data" else "")
-        raise RequestError(400, "missing_image", message)
+        raise RequestError(400, "missing_image", _MISSING_IMAGE)
     for index, data in enumerate(images):
         if not data:
             raise RequestError(400, "empty_image", f"image {index} is empty (0 bytes)")
@@ -116,6 +114,13 @@ async def _read_form(request: Request) -> tuple[list[bytes], list[str], Any]:
             images.append(await value.read())
         else:  # a text field: accepted as base64, like the JSON form
             images.append(_base64(value, len(images)))
+    if not form:  # a body cut short, before any part's end: python-multipart says nothing
+        raise RequestError(
+            400,
+            "missing_image",
+            f"{_MISSING_IMAGE} (no complete part: was the body cut short, without its closing "
+            "boundary?)",
+        )
     for field in ("task", "top_k"):
         if any(isinstance(value, UploadFile) for value in form.getlist(field)):
             raise RequestError(400, f"bad_{field}", f"'{field}' must be a text field, not a file")
@@ -141,7 +146,8 @@ def _read_json(body: bytes) -> tuple[list[bytes], list[str], Any]:
         raise RequestError(400, "bad_json", "'images' must be a list of base64 strings")
     if data.get("image") is not None:
         encoded = [data["image"], *encoded]
-    tasks = data.get("task") or []
+    tasks = data.get("task")
+    tasks = [] if tasks is None else tasks
     tasks = [tasks] if isinstance(tasks, str) else tasks
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise RequestError(400, "bad_task", "'task' must be a task name or a list of names")
