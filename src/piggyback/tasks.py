@@ -45,7 +45,8 @@ def check_task_name(name: str) -> str:
     if name == AUTO:
         raise TaskError(
             f"invalid task name {AUTO!r}: it is reserved for task routing (tasks='auto' lets "
-            "each image choose its task); choose another name"
+            "each image choose its task); choose another name (a task saved under it loads "
+            "with load_task(path, name='other'); from_pretrained(..., tasks=[...]) skips it)"
         )
     return name
 
