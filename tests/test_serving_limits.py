@@ -120,3 +120,30 @@ def test_the_port_is_bound_on_every_address_of_the_host_but_refuses_until_servin
     assert everywhere[0].getsockname()[0] in ("0.0.0.0", "::")
     for sock in everywhere:
         sock.close()
+
+
+def test_a_port_taken_while_the_model_loads_is_an_error_not_a_silent_server():
+    from piggyback.serving.sockets import bound_sockets, close_all, listen_all
+
+    ours = bound_sockets("127.0.0.1", 0)
+    port = ours[0].getsockname()[1]
+    thief = socket.socket()  # binds beside ours (both allow address reuse) and listens first
+    thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    thief.bind(("127.0.0.1", port))
+    thief.listen()
+    try:
+        with pytest.raises(ValueError, match=r"cannot listen on .*taken while the model loaded"):
+            listen_all(ours, "127.0.0.1", port)
+    finally:
+        thief.close()
+        close_all(ours)
+
+
+def test_port_0_gives_every_address_of_the_host_the_same_port():
+    from piggyback.serving.sockets import bound_sockets, close_all
+
+    sockets = bound_sockets("", 0)
+    try:
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1
+    finally:
+        close_all(sockets)

@@ -23,7 +23,7 @@ import torch
 
 from piggyback.runtime import available_cores
 from piggyback.serving.app import Engine, ServeSettings, create_app
-from piggyback.serving.sockets import bound_sockets, url_of
+from piggyback.serving.sockets import bound_sockets, close_all, listen_all, url_of
 
 __all__ = [
     "ThreadsPerBatch",
@@ -138,6 +138,7 @@ def serve(
         threading_note = f"{count} torch thread(s)"
         if engine.large != engine.small and settings.max_batch_size >= engine.large_from:
             threading_note += f", {engine.large} for batches of {engine.large_from} or more"
+        listen_all(sockets, host, port)  # the model is ready: clients may connect
         print(
             f"serving {len(predictor.tasks)} task(s) of {model_dir} on {url_of(host, sockets)} "
             f"({device}, {threading_note}{', batch-invariant' if batch_invariant else ''}; "
@@ -157,8 +158,7 @@ def serve(
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run(sockets=sockets)
     finally:
-        for sock in sockets:
-            sock.close()
+        close_all(sockets)
 
 
 #: Seconds requests in flight get to finish after Ctrl-C or SIGTERM.

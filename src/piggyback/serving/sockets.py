@@ -3,8 +3,8 @@
 uvicorn binds its own sockets only once the app is built, i.e. after the model has loaded (minutes
 when weights download): a taken port or a mistyped address then failed late, after a "serving on"
 line, with uvicorn's traceback. Binding first names the problem at once, in one line. The sockets
-are bound but not listening: asyncio starts listening when the server starts serving, so until
-the model is ready clients are refused rather than left waiting in a backlog, and readiness
+are bound but not listening until the model is loaded (`listen_all`, just before uvicorn
+serves), so until then clients are refused rather than left waiting in a backlog, and readiness
 probes on the port stay honest. Every address the host resolves to is bound, as asyncio's own
 `create_server(host=...)` does (`localhost` may be ::1 and 127.0.0.1).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["bound_sockets", "url_of"]
+__all__ = ["bound_sockets", "close_all", "listen_all", "url_of"]
 
 
 def bound_sockets(host: str, port: int) -> list[socket.socket]:
@@ -30,15 +30,39 @@ def bound_sockets(host: str, port: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, kind, protocol, _, address in dict.fromkeys(found):
+            if sockets:  # --port 0: every address on the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sockets.append(_bound(family, kind, protocol, address))
     except OSError as error:
-        for sock in sockets:
-            sock.close()
-        reason = error.strerror or str(error)
-        raise ValueError(
-            f"cannot listen on {host}:{port}: {reason}; choose another --port or --host"
-        ) from None
+        close_all(sockets)
+        raise _cannot_listen(host, port, error) from None
     return sockets
+
+
+def listen_all(sockets: list[socket.socket], host: str, port: int) -> None:
+    """Start listening (once the model is loaded), or one ValueError: a program that bound the
+    port meanwhile and listens on it first would otherwise leave this server up, saying it
+    serves, with no socket (uvloop drops the failed listen silently)."""
+    try:
+        for sock in sockets:
+            sock.listen(_BACKLOG)
+    except OSError as error:
+        raise _cannot_listen(host, port, error, " (taken while the model loaded)") from None
+
+
+def close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+_BACKLOG = 2048  # uvicorn's default
+
+
+def _cannot_listen(host: str, port: int, error: OSError, when: str = "") -> ValueError:
+    reason = error.strerror or str(error)
+    return ValueError(
+        f"cannot listen on {host}:{port}: {reason}{when}; choose another --port or --host"
+    )
 
 
 def _bound(family: int, kind: int, protocol: int, address: tuple) -> socket.socket:
