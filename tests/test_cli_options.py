@@ -162,3 +162,24 @@ def test_the_command_line_starts_without_the_data_and_training_stacks():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_ctrl_c_says_interrupted_and_only_train_mentions_resume(capsys):
+    import typer
+
+    from piggyback.cli import friendly_errors
+
+    def train() -> None:
+        raise KeyboardInterrupt
+
+    def serve() -> None:
+        raise KeyboardInterrupt
+
+    for command, expected in (
+        (train, "error: interrupted; the run continues from its last epoch with --resume"),
+        (serve, "error: interrupted"),
+    ):
+        with pytest.raises(typer.Exit) as stopped:
+            friendly_errors(command)()
+        assert stopped.value.exit_code == 130
+        assert capsys.readouterr().err.strip() == expected

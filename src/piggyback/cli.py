@@ -69,7 +69,8 @@ def friendly_errors(command: Callable) -> Callable:
         except OSError as error:
             _fail(_os_error_line(error))
         except KeyboardInterrupt:
-            _fail("interrupted; a training run continues from its last epoch with --resume", 130)
+            resume = "; the run continues from its last epoch with --resume"
+            _fail("interrupted" + (resume if command.__name__ == "train" else ""), 130)
 
     return run
 
