@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -53,6 +54,7 @@ def release_free_memory() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
+@functools.cache  # find_library runs ldconfig in a subprocess: once per process, not per call
 def _glibc_function(name: str):
     """A function of glibc through ctypes, or None on another platform or C library."""
     if not sys.platform.startswith("linux"):
