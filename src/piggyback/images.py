@@ -177,7 +177,7 @@ def _sixteen_bit_to_gray(image: Image.Image) -> Image.Image:
     values = np.asarray(image)
     if values.dtype.kind != "u" or values.dtype.itemsize != 2:  # mode "I": any 32-bit integer
         values = np.clip(values, 0, 65535)
-    # A table lookup: 3 bytes per pixel where int64 arithmetic took ~25 (1 GB at 40 megapixels).
+    # A table lookup: ~4 bytes per pixel where int64 arithmetic took 17 (tracemalloc, measured).
     return Image.fromarray(_SIXTEEN_TO_EIGHT[values], mode="L")
 
 
