@@ -39,6 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import environment
 
+from piggyback.serving.settings import LOCAL_MAX_WAIT_MS
+
 MODES = ("batched", "one_at_a_time")
 
 
@@ -55,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=192, help="requests per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=LOCAL_MAX_WAIT_MS, help="as piggyback serve's"
+    )
     parser.add_argument(
         "--threads", type=int, help="torch threads per server (default: as piggyback serve)"
     )

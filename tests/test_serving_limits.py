@@ -16,6 +16,7 @@ from serving_fixtures import image_bytes, save_two_task_model
 from piggyback import Predictor
 from piggyback.serving.app import ServeSettings, create_app
 from piggyback.serving.server import running_server
+from piggyback.serving.settings import LOCAL_MAX_WAIT_MS, RAY_MAX_WAIT_MS
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,43 @@ def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):
         answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(8)))
     assert all(a.status_code == 200 for a in answers)
     assert most[0] == 2  # eight requests at once, two decoding at a time
+
+
+def test_by_default_a_local_batch_waits_50_ms_for_requests_being_decoded_and_ray_5():
+    assert ServeSettings().batch_wait_ms() == LOCAL_MAX_WAIT_MS == 50
+    assert ServeSettings().batch_wait_ms(on_ray=True) == RAY_MAX_WAIT_MS == 5
+    assert ServeSettings(max_wait_ms=7).batch_wait_ms(on_ray=True) == 7  # as told, either way
+    assert ServeSettings(max_wait_ms=0).batch_wait_ms() == 0
+
+
+def test_by_default_a_batch_waits_for_the_requests_still_being_decoded(engine):
+    """The first request's batch waits for five others that take 20 ms each to decode (more
+    than the old default of 5 ms): on CPU, running it alone meanwhile would only compete with
+    their decoding for the cores."""
+    others_decoding = threading.Barrier(6, timeout=30)
+
+    class SlowDecoding:  # the engine; the first image waits until the 5 others decode, slowly
+        tasks = engine.tasks
+        task_description, predict = engine.task_description, engine.predict
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def prepare(self, image, tasks, *, keep_picture=True):
+            with lock:
+                first, self.calls = self.calls == 0, self.calls + 1
+            others_decoding.wait()
+            if not first:
+                time.sleep(0.02)
+            return engine.prepare(image, tasks, keep_picture=keep_picture)
+
+    lock = threading.Lock()
+    settings = ServeSettings(decode_threads=6)
+    with TestClient(create_app(SlowDecoding(), settings)) as client, ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(6)))
+        batches = client.get("/metrics").json()["batches"]
+    assert all(a.status_code == 200 for a in answers)
+    assert batches["sizes"] == {"6": 1}, batches  # one batch of all six
 
 
 def stalled_upload(url: str) -> socket.socket:

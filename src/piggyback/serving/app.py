@@ -8,12 +8,9 @@ built on Ray Serve's batching instead. Routes: the page (/), /health, /v1/tasks,
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from typing import Any, Protocol
@@ -44,11 +41,9 @@ from piggyback.serving.schemas import (
     PredictResponse,
     TasksResponse,
 )
+from piggyback.serving.settings import API_KEY_ENV, ServeSettings
 
 __all__ = ["API_KEY_ENV", "ServeSettings", "create_app"]
-
-#: Environment variable read for the bearer token when no --api-key is given.
-API_KEY_ENV = "PIGGYBACK_API_KEY"
 
 
 class Engine(Protocol):
@@ -75,56 +70,6 @@ Submit = Callable[[Sequence[Any], Sequence[str], int], Awaitable[list[Any]]]
 #: Paths answered without a token: the health check, and the page, a static shell that holds no
 #: data (it asks for the token and sends it with every API call).
 PUBLIC_PATHS = ("/health", "/")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Limits and batching of one server (the `piggyback serve` options)."""
-
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_upload_mb: float = 10.0
-    max_image_pixels: int = 40_000_000
-    default_top_k: int = 5
-    api_key: str | None = None
-    decode_threads: int | None = None  # images decoded at once; None: one per core
-    body_timeout_s: float = 30.0  # longest wait for the next piece of a request body
-
-    def __post_init__(self) -> None:
-        if self.api_key == "":  # as with_env_key: an empty key is no key
-            object.__setattr__(self, "api_key", None)
-        lowest = {  # the least each takes, and how the error says it
-            "max_batch_size": (1, "1"),
-            "max_wait_ms": (0, "0"),
-            "max_image_pixels": (1, "1"),
-            "default_top_k": (1, "1"),
-            "max_upload_mb": (2**-20, "one byte (2**-20)"),
-            "decode_threads": (1, "1"),
-            "body_timeout_s": (0.001, "0.001"),
-        }
-        for name, (low, said) in lowest.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not (math.isfinite(value) and value >= low):  # NaN compares False with anything
-                option = "--" + name.replace("_", "-")
-                raise ValueError(f"{option} must be a finite number >= {said}, got {value}")
-        if self.api_key is not None and not _printable_ascii(self.api_key):
-            raise ValueError(
-                "the API key must be printable ASCII without spaces: HTTP headers carry it, "
-                "and browsers refuse other characters there"
-            )
-
-    @classmethod
-    def with_env_key(cls, **values: Any) -> ServeSettings:
-        """Settings whose api_key falls back to the PIGGYBACK_API_KEY environment variable."""
-        if not values.get("api_key"):
-            values["api_key"] = os.environ.get(API_KEY_ENV) or None
-        return cls(**values)
-
-
-def _printable_ascii(text: str) -> bool:
-    return bool(text) and all(33 <= ord(char) <= 126 for char in text)
 
 
 @cache
@@ -181,7 +126,7 @@ def create_app(
         batcher = DynamicBatcher(
             _positional(engine),
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
+            max_wait_ms=settings.batch_wait_ms(),
             on_batch=metrics.record_batch,
             pending=arriving.value,
         )

@@ -31,10 +31,14 @@ def serve_command(
     device: Annotated[str, Opt(help="auto | cpu | cuda | cuda:N.")] = "auto",
     max_batch_size: Annotated[
         int, Opt(help="Most images in one forward pass; also the most per request.")
-    ] = 16,
+    ] = 32,
     max_wait_ms: Annotated[
-        float, Opt(help="How long the first waiting image waits for others to join its batch.")
-    ] = 5.0,
+        float | None,
+        Opt(
+            help="Longest a batch waits for requests still being decoded to join it "
+            "(default 50; with --ray, 5: Ray's batching waits this long for every batch)."
+        ),
+    ] = None,
     max_upload_mb: Annotated[float, Opt(help="Largest request body accepted.")] = 10.0,
     max_image_pixels: Annotated[int, Opt(help="Largest image (width x height) decoded.")] = (
         40_000_000

@@ -56,7 +56,7 @@ class PiggybackDeployment:
         self.settings = ServeSettings(**settings)
         self.metrics = Metrics()
         self._predict_item.set_max_batch_size(self.settings.max_batch_size)
-        self._predict_item.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
+        self._predict_item.set_batch_wait_timeout_s(self.settings.batch_wait_ms(on_ray=True) / 1000)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.engine, self.settings, submit=self._submit, metrics=self.metrics)
