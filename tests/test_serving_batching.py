@@ -171,6 +171,25 @@ def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
     assert run(infer, one, **batcher_options) >= 0.9
 
 
+def test_a_batch_stops_waiting_when_the_request_it_waits_for_gives_up():
+    infer = RecordingInfer()
+    on_the_way = [1]  # a request being decoded, which will fail
+
+    async def one_and_a_failure(batcher):
+        async def fail_soon():
+            await asyncio.sleep(0.1)
+            on_the_way[0] = 0
+            batcher.pending_changed()
+
+        started = time.perf_counter()
+        await asyncio.gather(batcher.submit([0], ["a"], 1), fail_soon())
+        return time.perf_counter() - started
+
+    options = {"max_batch_size": 64, "max_wait_ms": 3000, "pending": lambda: on_the_way[0]}
+    assert run(infer, one_and_a_failure, **options) < 1.5  # not the 3 s of max_wait
+    assert [images for images, _, _ in infer.batches] == [[0]]
+
+
 def test_large_batches_get_their_own_torch_thread_count_and_small_ones_the_default():
     import torch
 

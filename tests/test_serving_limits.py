@@ -15,6 +15,7 @@ from serving_fixtures import image_bytes, save_two_task_model
 
 from piggyback import Predictor
 from piggyback.serving.app import ServeSettings, create_app
+from piggyback.serving.inputs import RequestError
 from piggyback.serving.server import running_server
 from piggyback.serving.settings import LOCAL_MAX_WAIT_MS, RAY_MAX_WAIT_MS
 
@@ -109,6 +110,37 @@ def test_by_default_a_batch_waits_for_the_requests_still_being_decoded(engine):
         batches = client.get("/metrics").json()["batches"]
     assert all(a.status_code == 200 for a in answers)
     assert batches["sizes"] == {"6": 1}, batches  # one batch of all six
+
+
+def test_an_image_that_fails_to_decode_does_not_hold_the_batch_that_waited_for_it(engine):
+    """The batch of a good request waits for one being decoded; when that one fails (after
+    0.2 s here), the batch starts, rather than after all of --max-wait-ms (3 s here)."""
+    bad_decoding, good_decoded = threading.Event(), threading.Event()
+
+    class OneBad:  # the engine; the bad upload fails to decode once the good one waits
+        tasks = engine.tasks
+        task_description, predict = engine.task_description, engine.predict
+
+        def prepare(self, image, tasks, *, keep_picture=True):
+            if image.picture.size == (1, 1):
+                bad_decoding.set()
+                good_decoded.wait(30)
+                time.sleep(0.2)
+                raise RequestError(400, "invalid_image", "image 0: cannot be decoded")
+            bad_decoding.wait(30)  # so that the batch has the bad one to wait for
+            prepared = engine.prepare(image, tasks, keep_picture=keep_picture)
+            good_decoded.set()
+            return prepared
+
+    settings = ServeSettings(max_wait_ms=3000, decode_threads=2)
+    bad = image_bytes(0, size=(1, 1))
+    with TestClient(create_app(OneBad(), settings)) as client, ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(upload, client, bad, task="digits")
+        started = time.monotonic()
+        good = upload(client, image_bytes(1), task="digits")
+        waited = time.monotonic() - started
+    assert good.status_code == 200 and failing.result().status_code == 400
+    assert waited < 1.5, f"the good request waited {waited:.1f} s"
 
 
 def stalled_upload(url: str) -> socket.socket:

@@ -130,6 +130,7 @@ def create_app(
             on_batch=metrics.record_batch,
             pending=arriving.value,
         )
+        arriving.on_leave = batcher.pending_changed
         submit = batcher.submit
 
     @asynccontextmanager
@@ -256,10 +257,12 @@ async def _read_checked(request: Request, settings: ServeSettings, known: set[st
 
 
 class _Counter:
-    """How many requests are inside `with counter:` (one event loop: no lock needed)."""
+    """How many requests are inside `with counter:` (one event loop: no lock needed);
+    `on_leave()` is called as each leaves (the batcher re-checks whom it waits for)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.on_leave: Callable[[], None] | None = None
 
     def value(self) -> int:
         return self.count
@@ -269,6 +272,8 @@ class _Counter:
 
     def __exit__(self, *_: object) -> None:
         self.count -= 1
+        if self.on_leave is not None:
+            self.on_leave()
 
 
 def _task_info(description: dict[str, Any]) -> dict[str, Any]:

@@ -46,9 +46,10 @@ class DynamicBatcher:
     """Queue of (image, task) items, run `max_batch_size` at a time by `infer` in a thread.
 
     `on_batch(size, seconds)` is called after each batch (metrics). `pending()`: how many
-    requests are on their way to `submit` (None: unknown, always wait up to max_wait). Start
-    with `start()` inside the running event loop; `stop()` finishes the batch in flight and
-    fails what still waits.
+    requests are on their way to `submit` (None: unknown, always wait up to max_wait); call
+    `pending_changed()` when one leaves without submitting (its image failed to decode), so
+    that a batch waiting for it starts then. Start with `start()` inside the running event
+    loop; `stop()` finishes the batch in flight and fails what still waits.
     """
 
     def __init__(
@@ -73,11 +74,12 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.pending = pending
         self._queue: asyncio.Queue[_Item] | None = None
+        self._pending_changed: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue, self._pending_changed = asyncio.Queue(), asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piggyback-infer")
         self._worker = asyncio.create_task(self._run_forever())
 
@@ -93,7 +95,12 @@ class DynamicBatcher:
                     item.future.set_exception(OverloadedError("the server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._worker = self._queue = self._executor = None
+        self._worker = self._queue = self._executor = self._pending_changed = None
+
+    def pending_changed(self) -> None:
+        """A request on its way left without submitting: a batch waiting for it need not."""
+        if self._pending_changed is not None:
+            self._pending_changed.set()
 
     @property
     def waiting(self) -> int:
@@ -134,11 +141,25 @@ class DynamicBatcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.pending is not None and self.pending() == 0):
                 break  # out of time, or nobody else on the way: waiting would only add latency
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                break
+            item = await self._next_item(queue, remaining)
+            if item is not None:
+                batch.append(item)
         return [item for item in batch if not item.future.done()]  # drop cancelled clients
+
+    async def _next_item(self, queue: asyncio.Queue[_Item], timeout: float) -> _Item | None:
+        """The next item, or None after `timeout` or when `pending_changed()` is called (a
+        request the batch waited for failed: without this, the batch waited all of max_wait)."""
+        assert self._pending_changed is not None
+        self._pending_changed.clear()
+        getter = asyncio.ensure_future(queue.get())
+        changed = asyncio.ensure_future(self._pending_changed.wait())
+        try:
+            await asyncio.wait((getter, changed), timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            changed.cancel()
+            if not getter.done():
+                getter.cancel()  # asyncio.Queue.get leaves the item queued when cancelled
+        return getter.result() if getter.done() and not getter.cancelled() else None
 
     async def _run(self, batch: list[_Item]) -> None:
         if not batch:
