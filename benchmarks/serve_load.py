@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import environment
 
-from piggyback.serving.settings import LOCAL_MAX_WAIT_MS
+from piggyback.serving.settings import CPU_MAX_WAIT_MS
 
 MODES = ("batched", "one_at_a_time")
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument(
-        "--max-wait-ms", type=float, default=LOCAL_MAX_WAIT_MS, help="as piggyback serve's"
+        "--max-wait-ms", type=float, default=CPU_MAX_WAIT_MS, help="as piggyback serve's"
     )
     parser.add_argument(
         "--threads", type=int, help="torch threads per server (default: as piggyback serve)"

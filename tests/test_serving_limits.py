@@ -17,7 +17,7 @@ from piggyback import Predictor
 from piggyback.serving.app import ServeSettings, create_app
 from piggyback.serving.inputs import RequestError
 from piggyback.serving.server import running_server
-from piggyback.serving.settings import LOCAL_MAX_WAIT_MS, RAY_MAX_WAIT_MS
+from piggyback.serving.settings import CPU_MAX_WAIT_MS, SHORT_MAX_WAIT_MS
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,11 @@ def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):
     assert most[0] == 2  # eight requests at once, two decoding at a time
 
 
-def test_by_default_a_local_batch_waits_50_ms_for_requests_being_decoded_and_ray_5():
-    assert ServeSettings().batch_wait_ms() == LOCAL_MAX_WAIT_MS == 50
-    assert ServeSettings().batch_wait_ms(on_ray=True) == RAY_MAX_WAIT_MS == 5
-    assert ServeSettings(max_wait_ms=7).batch_wait_ms(on_ray=True) == 7  # as told, either way
+def test_by_default_a_batch_waits_50_ms_on_cpu_and_5_on_ray_or_a_gpu():
+    assert ServeSettings().batch_wait_ms() == CPU_MAX_WAIT_MS == 50
+    assert ServeSettings().batch_wait_ms(on_ray=True) == SHORT_MAX_WAIT_MS == 5
+    assert ServeSettings().batch_wait_ms(device="cuda:0") == 5
+    assert ServeSettings(max_wait_ms=7).batch_wait_ms(on_ray=True) == 7  # as told, anywhere
     assert ServeSettings(max_wait_ms=0).batch_wait_ms() == 0
 
 

@@ -115,8 +115,10 @@ def create_app(
     *,
     submit: Submit | None = None,
     metrics: Metrics | None = None,
+    device: str = "cpu",
 ) -> FastAPI:
-    """The API over `engine`; without `submit`, requests are batched by a DynamicBatcher."""
+    """The API over `engine`; without `submit`, requests are batched by a DynamicBatcher
+    (`device`: where the engine runs, for the batcher's default wait)."""
     settings = settings or ServeSettings()
     metrics = metrics or Metrics()
     batcher: DynamicBatcher | None = None
@@ -126,7 +128,7 @@ def create_app(
         batcher = DynamicBatcher(
             _positional(engine),
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.batch_wait_ms(),
+            max_wait_ms=settings.batch_wait_ms(device=device),
             on_batch=metrics.record_batch,
             pending=arriving.value,
         )

@@ -36,7 +36,7 @@ def serve_command(
         float | None,
         Opt(
             help="Longest a batch waits for requests still being decoded to join it "
-            "(default 50; with --ray, 5: Ray's batching waits this long for every batch)."
+            "(default 50 on CPU; 5 on a GPU, and with --ray: Ray waits this long every batch)."
         ),
     ] = None,
     max_upload_mb: Annotated[float, Opt(help="Largest request body accepted.")] = 10.0,

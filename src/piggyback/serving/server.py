@@ -123,6 +123,9 @@ def serve(
 
     if batch_threads is not None and batch_threads < 1:
         raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
+    from piggyback.device import resolve_device
+
+    device = str(resolve_device(device))  # "auto" becomes where it runs: the batcher's wait
     count = configure_process(threads)
     read_model_config(Path(model_dir))  # a wrong directory is named before the port is bound
     sockets = bound_sockets(host, port)  # a taken port or a bad address: before loading
@@ -146,7 +149,7 @@ def serve(
             flush=True,
         )
         config = uvicorn.Config(
-            create_app(engine, settings),
+            create_app(engine, settings, device=device),
             log_level=log_level,
             access_log=False,
             # Ctrl-C / SIGTERM: requests in flight get this long to finish (one stalled upload
