@@ -218,6 +218,8 @@ def test_api_key_guards_every_route_but_health_and_reveals_nothing(engine, monke
         assert head.headers["content-length"] == get.headers["content-length"]
         wrong_method = client.get("/v1/predict", headers=auth)
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        # /health has a GET and a HEAD route: the 405 names both, not the first route's
+        assert client.post("/health").headers["allow"] == "GET, HEAD"
         ok = client.post(
             "/v1/predict",
             headers=auth,

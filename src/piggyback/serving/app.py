@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from piggyback import __version__
 from piggyback.routing import AUTO
@@ -312,9 +313,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(503, "overloaded", str(error), **{"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException):
+    async def http_error(request: Request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), **(error.headers or {}))
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette names only the first route of the path
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(error.status_code, code, str(error.detail), **headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):
@@ -323,3 +327,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(_: Request, error: Exception):
         return error_response(500, "internal_error", f"prediction failed: {type(error).__name__}")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on this path (GET and HEAD /health are two routes)."""
+    methods = {
+        method
+        for route in request.app.router.routes
+        if route.matches(request.scope)[0] != Match.NONE
+        for method in getattr(route, "methods", None) or ()
+    }
+    return ", ".join(sorted(methods))
