@@ -190,6 +190,37 @@ def test_a_batch_stops_waiting_when_the_request_it_waits_for_gives_up():
     assert [images for images, _, _ in infer.batches] == [[0]]
 
 
+def test_stopping_while_a_batch_waits_fails_its_requests_instead_of_leaving_them_hanging():
+    async def stopped_while_waiting():
+        batcher = DynamicBatcher(
+            RecordingInfer(), max_batch_size=8, max_wait_ms=60_000, pending=lambda: 1
+        )
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0], ["a"], 1))
+        await asyncio.sleep(0.05)  # collected; its batch waits for the request on its way
+        second = asyncio.ensure_future(batcher.submit([1], ["a"], 1))
+        await asyncio.sleep(0.05)  # joined the waiting batch
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
+
+    answers = asyncio.run(stopped_while_waiting())
+    assert [type(a) for a in answers] == [OverloadedError, OverloadedError]
+    assert all("shutting down" in str(a) for a in answers)
+
+
+def test_stopping_while_a_batch_runs_fails_its_requests_once_its_pass_ends():
+    async def stopped_while_running():
+        batcher = DynamicBatcher(RecordingInfer(delay=0.3), max_batch_size=8, max_wait_ms=0)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit([0], ["a"], 1))
+        await asyncio.sleep(0.1)  # its forward pass has started
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 5)
+
+    [answer] = asyncio.run(stopped_while_running())
+    assert isinstance(answer, OverloadedError) and "shutting down" in str(answer)
+
+
 def test_large_batches_get_their_own_torch_thread_count_and_small_ones_the_default():
     import torch
 

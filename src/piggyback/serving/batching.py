@@ -49,7 +49,8 @@ class DynamicBatcher:
     requests are on their way to `submit` (None: unknown, always wait up to max_wait); call
     `pending_changed()` when one leaves without submitting (its image failed to decode), so
     that a batch waiting for it starts then. Start with `start()` inside the running event
-    loop; `stop()` finishes the batch in flight and fails what still waits.
+    loop; `stop()` fails every request not answered yet with OverloadedError, those of the
+    batch in flight included (its forward pass ends in its thread, which stop() waits for).
     """
 
     def __init__(
@@ -89,10 +90,8 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if self._queue is not None:
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if not item.future.done():
-                    item.future.set_exception(OverloadedError("the server is shutting down"))
+            waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+            _fail(waiting, OverloadedError("the server is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self._worker = self._queue = self._executor = self._pending_changed = None
@@ -134,21 +133,24 @@ class DynamicBatcher:
         """The first waiting item and what follows within max_wait, up to max_batch_size."""
         batch = [await queue.get()]
         deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch_size:
-            if not queue.empty():
-                batch.append(queue.get_nowait())
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self.pending is not None and self.pending() == 0):
-                break  # out of time, or nobody else on the way: waiting would only add latency
-            item = await self._next_item(queue, remaining)
-            if item is not None:
-                batch.append(item)
+        try:
+            while len(batch) < self.max_batch_size:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.pending is not None and self.pending() == 0):
+                    break  # out of time, or nobody else on the way: waiting would only add latency
+                await self._next_item(queue, remaining, batch)
+        except asyncio.CancelledError:  # stop(): back in the queue, whose items stop() fails
+            for item in batch:
+                queue.put_nowait(item)
+            raise
         return [item for item in batch if not item.future.done()]  # drop cancelled clients
 
-    async def _next_item(self, queue: asyncio.Queue[_Item], timeout: float) -> _Item | None:
-        """The next item, or None after `timeout` or when `pending_changed()` is called (a
-        request the batch waited for failed: without this, the batch waited all of max_wait)."""
+    async def _next_item(self, queue: asyncio.Queue[_Item], timeout: float, batch: list) -> None:
+        """Add the next item to `batch`; give up after `timeout` or when `pending_changed()` is
+        called (a request the batch waited for failed: without this, it waited all of max_wait)."""
         assert self._pending_changed is not None
         self._pending_changed.clear()
         getter = asyncio.ensure_future(queue.get())
@@ -159,7 +161,8 @@ class DynamicBatcher:
             changed.cancel()
             if not getter.done():
                 getter.cancel()  # asyncio.Queue.get leaves the item queued when cancelled
-        return getter.result() if getter.done() and not getter.cancelled() else None
+            elif not getter.cancelled():  # even when cancelled itself: the item is in hand
+                batch.append(getter.result())
 
     async def _run(self, batch: list[_Item]) -> None:
         if not batch:
@@ -172,16 +175,23 @@ class DynamicBatcher:
             answers = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.infer, images, tasks, top_k
             )
+        except asyncio.CancelledError:  # stop(): the pass ends in its thread, unanswered
+            _fail(batch, OverloadedError("the server is shutting down"))
+            raise
         except Exception as error:  # reported to every waiting client, the loop goes on
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(batch, error)
             return
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - started)
         for item, answer in zip(batch, answers, strict=True):
             if not item.future.done():
                 item.future.set_result(_truncated(answer, item.top_k))
+
+
+def _fail(items: list[_Item], error: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 def _truncated(answer: Any, top_k: int) -> Any:
