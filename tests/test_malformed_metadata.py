@@ -15,7 +15,7 @@ from test_model_directory import edit_index, load
 from test_model_directory import model_dir as model_dir  # a fixture, used by name
 from test_serialization import make_model, trained
 
-from piggyback import Predictor, TaskFileError, fileio, taskfile
+from piggyback import PiggybackConfig, Predictor, TaskFileError, fileio, taskfile
 from piggyback.describe import describe_model_dir, format_description
 from piggyback.routing import PROTOTYPES_KEY, RoutingProfile
 
@@ -99,10 +99,10 @@ def test_routing_prototypes_of_another_feature_width_are_refused(task_path):
 @pytest.mark.parametrize(
     ("where", "key", "value", "match"),
     [
-        ("config", "include", [3], r"'config.include' must be a list of strings, found \[3\]"),
-        ("config", "exclude", "stem", r"'config.exclude' must be a list of strings, found 'stem'"),
-        ("config", "layer_types", [1], r"'config.layer_types' must be a list of strings"),
-        ("config", "head", 5, r"'config.head' must be a string or null, found 5"),
+        ("config", "include", [3], r"invalid 'config' \(include must be glob patterns"),
+        ("config", "layer_types", [1], r"invalid 'config' \(layer_types must be a non-empty"),
+        ("config", "layer_types", 7, r"invalid 'config' \(layer_types must be a list of strings"),
+        ("config", "head", 5, r"invalid 'config' \(head must be a module name"),
         ("backbone", "spec", "timm", r"'backbone.spec' must be an object or null, found 'timm'"),
         ("backbone", "num_masked", "many", r"'backbone.num_masked' must be a whole number"),
         ("backbone", "num_masked", None, r"'backbone.num_masked' must be a whole number"),
@@ -117,6 +117,13 @@ def test_index_values_of_the_wrong_type_are_refused_naming_the_field(
         load(model_dir)
     with pytest.raises(TaskFileError, match=match):
         describe_model_dir(model_dir)
+
+
+def test_one_string_in_the_index_config_is_one_entry_as_in_code(model_dir):
+    edit_index(model_dir, lambda index: index["config"].update(exclude="no_such_layer"))
+    assert load(model_dir).config.exclude == ("no_such_layer",)  # not its letters
+    assert PiggybackConfig(exclude="no_such_layer").exclude == ("no_such_layer",)
+    assert describe_model_dir(model_dir)["config"]["exclude"] == ["no_such_layer"]
 
 
 @pytest.mark.parametrize("value", [{}, {"image_size": 16}, PREPROCESS | {"std": "x"}])

@@ -92,24 +92,18 @@ def read_model_config(directory: Path) -> dict[str, Any]:
             "'tasks' (each with a 'file') entries"
         )
     _check_index_values(path, data)
+    # Checked as the code checks it, and read as the code reads it: one string is one entry.
+    data["config"] = index_config(directory, data).to_dict()
     return data
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _name(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
-#: Index values read by type: (section, key, check, what is expected). PiggybackConfig checks
-#: the config's other values when the model is built.
+#: Backbone values read by type: (section, key, check, what is expected). The 'config' section
+#: is checked by PiggybackConfig itself (`index_config`).
 _INDEX_VALUES = (
-    ("config", "layer_types", _strings, "a list of strings"),
-    ("config", "include", _strings, "a list of strings"),
-    ("config", "exclude", _strings, "a list of strings"),
-    ("config", "head", _name, "a string or null"),
     ("backbone", "spec", lambda v: v is None or isinstance(v, dict), "an object or null"),
     ("backbone", "head", _name, "a string or null"),
     ("backbone", "num_masked", lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
@@ -120,8 +114,6 @@ def _check_index_values(path: Path, data: dict[str, Any]) -> None:
     """Refuse values of the wrong type, which would escape as tracebacks from `describe` or
     when the model is built (a version-1 index has no checksum: a hand edit is enough)."""
     for section, key, valid, expected in _INDEX_VALUES:
-        if section == "config" and key not in data[section]:
-            continue  # PiggybackConfig's default
         value = data[section].get(key)
         if not valid(value):
             raise TaskFileError(
