@@ -3,6 +3,7 @@ answering, and memory does not grow (decompression bombs are refused before deco
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import io
@@ -68,6 +69,13 @@ def b64(data: bytes) -> str:
 
 def json_post(body: dict):
     return lambda client: client.post("/v1/predict", json=body)
+
+
+def nested_json(depth: int):
+    body = b'{"image": ' + b"[" * depth + b"]" * depth + b"}"
+    return lambda c: c.post(
+        "/v1/predict", content=body, headers={"content-type": "application/json"}
+    )
 
 
 GOOD = image_bytes(1)
@@ -181,16 +189,9 @@ CASES = {
         "bad_json",
         "Infinity",
     ),
-    "deeply_nested_json": (
-        lambda c: c.post(
-            "/v1/predict",
-            content=b'{"image": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-            headers={"content-type": "application/json"},
-        ),
-        400,
-        "bad_json",
-        "nested",
-    ),
+    "deeply_nested_json": (nested_json(100_000), 400, "bad_json", "nested"),
+    # over JSON_IN_THREAD_BYTES: parsed in a worker thread, whose stack must hold as much
+    "deeply_nested_json_parsed_in_a_thread": (nested_json(300_000), 400, "bad_json", "nested"),
     "task_sent_as_a_file": (
         lambda c: c.post(
             "/v1/predict", files={"image": ("x.png", GOOD), "task": ("t.txt", b"colours")}
@@ -258,6 +259,28 @@ def test_base64_as_tools_print_it_is_accepted_wrapped_url_safe_or_unpadded(clien
         response = client.post("/v1/predict", json={"image": text, "task": "colours"})
         assert response.status_code == 200, response.text
         assert response.json()["results"] == expected
+
+
+def test_a_large_json_body_is_parsed_off_the_event_loop(client, monkeypatch):
+    from piggyback.serving import inputs
+
+    where, parse = [], inputs._read_json
+
+    def spy(body: bytes):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:  # no loop runs in this thread
+            where.append("worker thread")
+        return parse(body)
+
+    monkeypatch.setattr(inputs, "_read_json", spy)
+    large = image_bytes(3, (300, 300))
+    assert len(b64(large)) > inputs.JSON_IN_THREAD_BYTES > len(b64(GOOD))
+    for image in (GOOD, large):
+        response = client.post("/v1/predict", json={"image": b64(image), "task": "colours"})
+        assert response.status_code == 200, response.text
+    assert where == ["event loop", "worker thread"]
 
 
 def test_json_tasks_may_be_comma_separated_and_a_null_image_defers_to_images(client):
