@@ -171,6 +171,19 @@ def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
     assert run(infer, one, **batcher_options) >= 0.9
 
 
+def test_a_batch_waits_only_if_the_requests_on_their_way_bring_it_to_wait_from():
+    infer = RecordingInfer()
+
+    async def one(batcher):
+        started = time.perf_counter()
+        await batcher.submit([0], ["a"], 1)
+        return time.perf_counter() - started
+
+    options = {"max_batch_size": 64, "max_wait_ms": 1000, "pending": lambda: 2}
+    assert run(infer, one, wait_from=8, **options) < 0.5  # 1 + 2 on the way: not worth it
+    assert run(infer, one, wait_from=3, **options) >= 0.9  # 1 + 2 makes 3: waited (in vain)
+
+
 def test_a_batch_stops_waiting_when_the_request_it_waits_for_gives_up():
     infer = RecordingInfer()
     on_the_way = [1]  # a request being decoded, which will fail

@@ -83,6 +83,19 @@ def test_by_default_a_batch_waits_50_ms_on_cpu_and_5_on_ray_or_a_gpu():
     assert ServeSettings(max_wait_ms=0).batch_wait_ms() == 0
 
 
+def test_on_cpu_a_batch_waits_for_others_only_if_it_will_take_every_core(engine):
+    from piggyback.serving.app import _least_batch_worth_waiting
+    from piggyback.serving.server import ThreadsPerBatch
+
+    threaded = ThreadsPerBatch(engine, small=1, large=2, large_from=8)
+    assert str(threaded.device) == "cpu"
+    # Below 8 images the batch runs on one thread and the decoding keeps the other core busy.
+    assert _least_batch_worth_waiting(threaded, "cpu") == 8
+    assert _least_batch_worth_waiting(ThreadsPerBatch(engine, small=2, large=2), "cpu") == 1
+    assert _least_batch_worth_waiting(threaded, "cuda:0") == 1  # the CPU only decodes there
+    assert _least_batch_worth_waiting(engine, "cpu") == 1  # every batch on every thread
+
+
 def test_by_default_a_batch_waits_for_the_requests_still_being_decoded(engine):
     """The first request's batch waits for five others that take 20 ms each to decode (more
     than the old default of 5 ms): on CPU, running it alone meanwhile would only compete with

@@ -112,6 +112,11 @@ class Predictor:
             model.to(memory_format=torch.channels_last)
         return cls(model, **options)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
+        return next(self.model.parameters()).device
+
     # -- tasks ----------------------------------------------------------------------------------
 
     @property

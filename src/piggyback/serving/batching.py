@@ -46,7 +46,8 @@ class DynamicBatcher:
     """Queue of (image, task) items, run `max_batch_size` at a time by `infer` in a thread.
 
     `on_batch(size, seconds)` is called after each batch (metrics). `pending()`: how many
-    requests are on their way to `submit` (None: unknown, always wait up to max_wait); call
+    items are on their way to `submit` (None: unknown, always wait up to max_wait); a batch
+    waits for them only if, with them, it would hold at least `wait_from` items. Call
     `pending_changed()` when one leaves without submitting (its image failed to decode), so
     that a batch waiting for it starts then. Start with `start()` inside the running event
     loop; `stop()` fails every request not answered yet with OverloadedError, those of the
@@ -62,6 +63,7 @@ class DynamicBatcher:
         max_queue: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         pending: Callable[[], int] | None = None,
+        wait_from: int = 1,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(
@@ -74,6 +76,7 @@ class DynamicBatcher:
         self.max_queue = max_queue if max_queue is not None else 64 * max_batch_size
         self.on_batch = on_batch
         self.pending = pending
+        self.wait_from = wait_from
         self._queue: asyncio.Queue[_Item] | None = None
         self._pending_changed: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -139,14 +142,20 @@ class DynamicBatcher:
                     batch.append(queue.get_nowait())
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.pending is not None and self.pending() == 0):
-                    break  # out of time, or nobody else on the way: waiting would only add latency
+                if remaining <= 0 or not self._worth_waiting(len(batch)):
+                    break  # out of time, or too few on the way: waiting would only add latency
                 await self._next_item(queue, remaining, batch)
         except asyncio.CancelledError:  # stop(): back in the queue, whose items stop() fails
             for item in batch:
                 queue.put_nowait(item)
             raise
         return [item for item in batch if not item.future.done()]  # drop cancelled clients
+
+    def _worth_waiting(self, size: int) -> bool:
+        if self.pending is None:
+            return True
+        on_the_way = self.pending()
+        return on_the_way > 0 and size + on_the_way >= self.wait_from
 
     async def _next_item(self, queue: asyncio.Queue[_Item], timeout: float, batch: list) -> None:
         """Add the next item to `batch`; give up after `timeout` or when `pending_changed()` is

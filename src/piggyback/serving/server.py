@@ -84,6 +84,10 @@ class ThreadsPerBatch:
     def tasks(self) -> list[str]:
         return self.engine.tasks
 
+    @property
+    def device(self) -> Any:
+        return getattr(self.engine, "device", "cpu")
+
     def task_description(self, name: str) -> dict[str, Any]:
         return self.engine.task_description(name)
 
@@ -125,7 +129,7 @@ def serve(
         raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
     from piggyback.device import resolve_device
 
-    device = str(resolve_device(device))  # "auto" becomes where it runs: the batcher's wait
+    device = str(resolve_device(device))  # "auto": said as where it runs
     count = configure_process(threads)
     read_model_config(Path(model_dir))  # a wrong directory is named before the port is bound
     sockets = bound_sockets(host, port)  # a taken port or a bad address: before loading
@@ -149,7 +153,7 @@ def serve(
             flush=True,
         )
         config = uvicorn.Config(
-            create_app(engine, settings, device=device),
+            create_app(engine, settings),
             log_level=log_level,
             access_log=False,
             # Ctrl-C / SIGTERM: requests in flight get this long to finish (one stalled upload
