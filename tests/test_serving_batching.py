@@ -52,6 +52,13 @@ def run(infer, coroutine, **options):
     return asyncio.run(_with_batcher(infer, coroutine, **options))
 
 
+async def lone_request_seconds(batcher) -> float:
+    """How long one request of one image took to be answered."""
+    started = time.perf_counter()
+    await batcher.submit([0], ["a"], 1)
+    return time.perf_counter() - started
+
+
 def test_concurrent_requests_are_gathered_into_batches_of_at_most_max_batch_size():
     infer = RecordingInfer(delay=0.02)
 
@@ -80,12 +87,7 @@ def test_one_batch_holds_several_tasks_and_each_answer_goes_back_to_its_request(
 def test_a_lone_request_waits_about_max_wait_not_for_a_full_batch():
     infer = RecordingInfer()
 
-    async def one(batcher):
-        started = time.perf_counter()
-        await batcher.submit([0], ["a"], 1)
-        return time.perf_counter() - started
-
-    elapsed = run(infer, one, max_batch_size=64, max_wait_ms=30)
+    elapsed = run(infer, lone_request_seconds, max_batch_size=64, max_wait_ms=30)
     assert 0.025 <= elapsed < 2.0
     assert len(infer.batches) == 1
 
@@ -160,28 +162,19 @@ def test_a_lone_request_does_not_wait_when_no_other_request_is_on_its_way():
     infer = RecordingInfer()
     on_the_way = [0]
 
-    async def one(batcher):
-        started = time.perf_counter()
-        await batcher.submit([0], ["a"], 1)
-        return time.perf_counter() - started
-
     batcher_options = {"max_batch_size": 64, "max_wait_ms": 1000, "pending": lambda: on_the_way[0]}
-    assert run(infer, one, **batcher_options) < 0.5  # did not wait the 1 s
+    assert run(infer, lone_request_seconds, **batcher_options) < 0.5  # did not wait the 1 s
     on_the_way[0] = 1  # a request still being read: worth waiting for (here in vain)
-    assert run(infer, one, **batcher_options) >= 0.9
+    assert run(infer, lone_request_seconds, **batcher_options) >= 0.9
 
 
 def test_a_batch_waits_only_if_the_requests_on_their_way_bring_it_to_wait_from():
     infer = RecordingInfer()
 
-    async def one(batcher):
-        started = time.perf_counter()
-        await batcher.submit([0], ["a"], 1)
-        return time.perf_counter() - started
-
     options = {"max_batch_size": 64, "max_wait_ms": 1000, "pending": lambda: 2}
-    assert run(infer, one, wait_from=8, **options) < 0.5  # 1 + 2 on the way: not worth it
-    assert run(infer, one, wait_from=3, **options) >= 0.9  # 1 + 2 makes 3: waited (in vain)
+    # 1 + 2 on the way: below 8, not worth waiting for; reaching 3, waited for (in vain)
+    assert run(infer, lone_request_seconds, wait_from=8, **options) < 0.5
+    assert run(infer, lone_request_seconds, wait_from=3, **options) >= 0.9
 
 
 def test_a_batch_stops_waiting_when_the_request_it_waits_for_gives_up():
