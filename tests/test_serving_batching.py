@@ -175,6 +175,9 @@ def test_a_batch_waits_only_if_the_requests_on_their_way_bring_it_to_wait_from()
     # 1 + 2 on the way: below 8, not worth waiting for; reaching 3, waited for (in vain)
     assert run(infer, lone_request_seconds, wait_from=8, **options) < 0.5
     assert run(infer, lone_request_seconds, wait_from=3, **options) >= 0.9
+    # batches of at most 2 never reach 3, however many are on their way
+    many = {**options, "pending": lambda: 10, "max_batch_size": 2}
+    assert run(infer, lone_request_seconds, wait_from=3, **many) < 0.5
 
 
 def test_a_batch_stops_waiting_when_the_request_it_waits_for_gives_up():

@@ -48,7 +48,7 @@ class DynamicBatcher:
     `on_batch(size, seconds)` is called after each batch (metrics). `pending()`: how many
     items are on their way to `submit` (None: unknown, always wait up to max_wait); a batch
     waits for them only if, with them, it would hold at least `wait_from` items. Call
-    `pending_changed()` when one leaves without submitting (its image failed to decode), so
+    `pending_changed()` when one leaves, submitted or not (its image failed to decode), so
     that a batch waiting for it starts then. Start with `start()` inside the running event
     loop; `stop()` fails every request not answered yet with OverloadedError, those of the
     batch in flight included (its forward pass ends in its thread, which stop() waits for).
@@ -96,11 +96,11 @@ class DynamicBatcher:
             waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
             _fail(waiting, OverloadedError("the server is shutting down"))
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.shutdown)  # the loop answers meanwhile
         self._worker = self._queue = self._executor = self._pending_changed = None
 
     def pending_changed(self) -> None:
-        """A request on its way left without submitting: a batch waiting for it need not."""
+        """A request on its way left (submitted, or failed): the waiting batch re-checks."""
         if self._pending_changed is not None:
             self._pending_changed.set()
 
@@ -155,9 +155,12 @@ class DynamicBatcher:
         if self.pending is None:
             return True
         on_the_way = self.pending()
-        return on_the_way > 0 and size + on_the_way >= self.wait_from
+        reachable = min(size + on_the_way, self.max_batch_size)  # a batch ends at the limit
+        return on_the_way > 0 and reachable >= self.wait_from
 
-    async def _next_item(self, queue: asyncio.Queue[_Item], timeout: float, batch: list) -> None:
+    async def _next_item(
+        self, queue: asyncio.Queue[_Item], timeout: float, batch: list[_Item]
+    ) -> None:
         """Add the next item to `batch`; give up after `timeout` or when `pending_changed()` is
         called (a request the batch waited for failed: without this, it waited all of max_wait)."""
         assert self._pending_changed is not None
@@ -165,7 +168,8 @@ class DynamicBatcher:
         getter = asyncio.ensure_future(queue.get())
         changed = asyncio.ensure_future(self._pending_changed.wait())
         try:
-            await asyncio.wait((getter, changed), timeout=timeout, return_when="FIRST_COMPLETED")
+            first = asyncio.FIRST_COMPLETED
+            await asyncio.wait((getter, changed), timeout=timeout, return_when=first)
         finally:
             changed.cancel()
             if not getter.done():

@@ -20,8 +20,9 @@ API_KEY_ENV = "PIGGYBACK_API_KEY"
 #: cover a full batch's decoding: the forward pass and the decoding threads share the cores, so
 #: starting half a batch while the other half decodes gains nothing, and under load the batches
 #: then settle at half size. Measured (`benchmarks/serve_load.py`, 4 Lite0 tasks, 2 cores,
-#: 32 clients, --max-batch-size 32): 5 ms: batches of 16, 115-132 requests/s, p50 250 ms;
-#: 50 ms: batches of 30-32, 164-171 requests/s, p50 187 ms; 100 or 200 ms: no better.
+#: 32 clients, --max-batch-size 32; benchmarks/results/serve-cpu-wait5 and serve-cpu): 5 ms:
+#: batches split about 26 + 6, 122-137 requests/s, p50 237 ms; 50 ms: batches of 30-32 (and a
+#: few of 1-2), 163-179 requests/s, p50 180-199 ms. In ad-hoc runs 100 or 200 ms: no better.
 CPU_MAX_WAIT_MS = 50.0
 
 #: --max-wait-ms unless told on Ray Serve, whose batching knows nothing of requests on their way
