@@ -3,6 +3,7 @@ time, and a client that stops mid-upload neither delays the others nor stays for
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -156,6 +157,30 @@ def test_an_image_that_fails_to_decode_does_not_hold_the_batch_that_waited_for_i
         waited = time.monotonic() - started
     assert good.status_code == 200 and failing.result().status_code == 400
     assert waited < 1.5, f"the good request waited {waited:.1f} s"
+
+
+def test_large_json_bodies_are_parsed_no_more_at_once_than_decode_threads(engine, monkeypatch):
+    from piggyback.serving import inputs
+
+    lock, running, most, parse = threading.Lock(), [0], [0], inputs._read_json
+
+    def counting(body: bytes):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return parse(body)
+
+    monkeypatch.setattr(inputs, "_read_json", counting)
+    large = base64.b64encode(image_bytes(3, (300, 300))).decode()  # over JSON_IN_THREAD_BYTES
+    settings = ServeSettings(decode_threads=1, max_wait_ms=1)
+    with TestClient(create_app(engine, settings)) as client, ThreadPoolExecutor(4) as pool:
+        body = {"image": large, "task": "digits"}
+        answers = list(pool.map(lambda _: client.post("/v1/predict", json=body), range(4)))
+    assert all(a.status_code == 200 for a in answers)
+    assert most[0] == 1  # four large bodies at once, parsed one at a time
 
 
 def stalled_upload(url: str) -> socket.socket:

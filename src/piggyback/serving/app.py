@@ -222,7 +222,7 @@ def _add_routes(
         (base64), `task` (a name or a list), `top_k`. One result per image and task.
         """
         started = time.perf_counter()
-        data = await _read_checked(request, settings, known)
+        data = await _read_checked(request, settings, known, decoding)
         # Counted as arriving (batches wait for it) once its body is in, not while uploading:
         # a stalled upload made every batch wait --max-wait-ms.
         with arriving.holding(len(data.images) * len(data.tasks)):
@@ -238,9 +238,15 @@ def _add_routes(
         return {"results": results}
 
 
-async def _read_checked(request: Request, settings: ServeSettings, known: set[str]) -> PredictInput:
-    """The encoded images, tasks and top_k of a predict request, checked against the limits."""
-    data = await read_predict_request(request, default_top_k=settings.default_top_k)
+async def _read_checked(
+    request: Request, settings: ServeSettings, known: set[str], decoding: CapacityLimiter
+) -> PredictInput:
+    """The encoded images, tasks and top_k of a predict request, checked against the limits.
+    Large JSON bodies are parsed in the decoding threads (`decoding`), not anyio's shared pool
+    of 40 that FastAPI's own routes (/health) run in."""
+    data = await read_predict_request(
+        request, default_top_k=settings.default_top_k, limiter=decoding
+    )
     unknown = [t for t in data.tasks if t != AUTO and t not in known]
     if unknown:
         raise RequestError(

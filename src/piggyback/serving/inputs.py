@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
@@ -78,22 +78,27 @@ def listed(values: Sequence[object], most: int = 5) -> str:
     return text + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
-async def read_predict_request(request: Request, *, default_top_k: int = 5) -> PredictInput:
-    """The images, tasks and top_k of a multipart/form-data or application/json request."""
+async def read_predict_request(
+    request: Request, *, default_top_k: int = 5, limiter: CapacityLimiter | None = None
+) -> PredictInput:
+    """The images, tasks and top_k of a multipart/form-data or application/json request
+    (`limiter`: bounds how many large JSON bodies are parsed at once, in worker threads)."""
     try:
-        return await _read(request, default_top_k)
+        return await _read(request, default_top_k, limiter)
     except ClientDisconnect as error:  # nobody to answer; without this, a traceback in the log
         raise RequestError(400, "client_disconnected", "the client left mid-upload") from error
 
 
-async def _read(request: Request, default_top_k: int) -> PredictInput:
+async def _read(
+    request: Request, default_top_k: int, limiter: CapacityLimiter | None
+) -> PredictInput:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         images, tasks, top_k = await _read_form(request)
     elif kind == "application/json":
         body = await request.body()
         if len(body) > JSON_IN_THREAD_BYTES:  # not on the event loop, which serves everyone
-            images, tasks, top_k = await to_thread.run_sync(_read_json, body)
+            images, tasks, top_k = await to_thread.run_sync(_read_json, body, limiter=limiter)
         else:
             images, tasks, top_k = _read_json(body)
     else:
