@@ -53,27 +53,38 @@ def test_an_empty_api_key_is_no_key():
     assert ServeSettings(api_key="").api_key is None
 
 
+class InFlight:
+    """Counts the calls running at once (`most`); each lasts at least 50 ms."""
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+    def around(self, function):
+        def counted(*args, **kwargs):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            return function(*args, **kwargs)
+
+        return counted
+
+
 def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):
-    lock, running, most = threading.Lock(), [0], [0]
+    decodes = InFlight()
 
     class Counting:  # the engine, counting decodes in flight
         tasks = engine.tasks
         task_description, predict = engine.task_description, engine.predict
-
-        def prepare(self, image, tasks, *, keep_picture=True):
-            with lock:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            time.sleep(0.05)
-            with lock:
-                running[0] -= 1
-            return engine.prepare(image, tasks, keep_picture=keep_picture)
+        prepare = staticmethod(decodes.around(engine.prepare))
 
     settings = ServeSettings(max_batch_size=8, max_wait_ms=1, decode_threads=2)
     with TestClient(create_app(Counting(), settings)) as client, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(8)))
     assert all(a.status_code == 200 for a in answers)
-    assert most[0] == 2  # eight requests at once, two decoding at a time
+    assert decodes.most == 2  # eight requests at once, two decoding at a time
 
 
 def test_by_default_a_batch_waits_50_ms_on_cpu_and_5_on_ray_or_a_gpu():
@@ -162,25 +173,15 @@ def test_an_image_that_fails_to_decode_does_not_hold_the_batch_that_waited_for_i
 def test_large_json_bodies_are_parsed_no_more_at_once_than_decode_threads(engine, monkeypatch):
     from piggyback.serving import inputs
 
-    lock, running, most, parse = threading.Lock(), [0], [0], inputs._read_json
-
-    def counting(body: bytes):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-        return parse(body)
-
-    monkeypatch.setattr(inputs, "_read_json", counting)
+    parses = InFlight()
+    monkeypatch.setattr(inputs, "_read_json", parses.around(inputs._read_json))
     large = base64.b64encode(image_bytes(3, (300, 300))).decode()  # over JSON_IN_THREAD_BYTES
     settings = ServeSettings(decode_threads=1, max_wait_ms=1)
     with TestClient(create_app(engine, settings)) as client, ThreadPoolExecutor(4) as pool:
         body = {"image": large, "task": "digits"}
         answers = list(pool.map(lambda _: client.post("/v1/predict", json=body), range(4)))
     assert all(a.status_code == 200 for a in answers)
-    assert most[0] == 1  # four large bodies at once, parsed one at a time
+    assert parses.most == 1  # four large bodies at once, parsed one at a time
 
 
 def stalled_upload(url: str) -> socket.socket:
