@@ -72,16 +72,20 @@ class InFlight:
         return counted
 
 
+class Decoding:
+    """The engine with another `prepare` (the request threads' decoding): slow, failing or
+    counted."""
+
+    def __init__(self, engine, prepare) -> None:
+        self.tasks, self.prepare = engine.tasks, prepare
+        self.task_description, self.predict = engine.task_description, engine.predict
+
+
 def test_no_more_images_are_decoded_at_once_than_decode_threads(engine):
     decodes = InFlight()
-
-    class Counting:  # the engine, counting decodes in flight
-        tasks = engine.tasks
-        task_description, predict = engine.task_description, engine.predict
-        prepare = staticmethod(decodes.around(engine.prepare))
-
+    counting = Decoding(engine, decodes.around(engine.prepare))
     settings = ServeSettings(max_batch_size=8, max_wait_ms=1, decode_threads=2)
-    with TestClient(create_app(Counting(), settings)) as client, ThreadPoolExecutor(8) as pool:
+    with TestClient(create_app(counting, settings)) as client, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(8)))
     assert all(a.status_code == 200 for a in answers)
     assert decodes.most == 2  # eight requests at once, two decoding at a time
@@ -113,26 +117,19 @@ def test_a_batch_that_takes_every_core_waits_for_the_requests_still_being_decode
     each to decode (more than the old default of 5 ms). The engine runs every batch on every
     core (a Predictor, not piggyback serve's ThreadsPerBatch, whose batches under 8 images
     would not wait): running it alone meanwhile would only compete with their decoding."""
-    others_decoding = threading.Barrier(6, timeout=30)
+    others_decoding, lock, calls = threading.Barrier(6, timeout=30), threading.Lock(), [0]
 
-    class SlowDecoding:  # the engine; the first image waits until the 5 others decode, slowly
-        tasks = engine.tasks
-        task_description, predict = engine.task_description, engine.predict
+    def prepare(image, tasks, *, keep_picture=True):  # the first waits until 5 others decode
+        with lock:
+            first, calls[0] = calls[0] == 0, calls[0] + 1
+        others_decoding.wait()
+        if not first:
+            time.sleep(0.01)
+        return engine.prepare(image, tasks, keep_picture=keep_picture)
 
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def prepare(self, image, tasks, *, keep_picture=True):
-            with lock:
-                first, self.calls = self.calls == 0, self.calls + 1
-            others_decoding.wait()
-            if not first:
-                time.sleep(0.01)
-            return engine.prepare(image, tasks, keep_picture=keep_picture)
-
-    lock = threading.Lock()
     settings = ServeSettings(decode_threads=6)
-    with TestClient(create_app(SlowDecoding(), settings)) as client, ThreadPoolExecutor(6) as pool:
+    app = create_app(Decoding(engine, prepare), settings)
+    with TestClient(app) as client, ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda s: upload(client, image_bytes(s), task="digits"), range(6)))
         batches = client.get("/metrics").json()["batches"]
     assert all(a.status_code == 200 for a in answers)
@@ -144,30 +141,54 @@ def test_an_image_that_fails_to_decode_does_not_hold_the_batch_that_waited_for_i
     0.2 s here), the batch starts, rather than after all of --max-wait-ms (3 s here)."""
     bad_decoding, good_decoded = threading.Event(), threading.Event()
 
-    class OneBad:  # the engine; the bad upload fails to decode once the good one waits
-        tasks = engine.tasks
-        task_description, predict = engine.task_description, engine.predict
-
-        def prepare(self, image, tasks, *, keep_picture=True):
-            if image.picture.size == (1, 1):
-                bad_decoding.set()
-                good_decoded.wait(30)
-                time.sleep(0.2)
-                raise RequestError(400, "invalid_image", "image 0: cannot be decoded")
-            bad_decoding.wait(30)  # so that the batch has the bad one to wait for
-            prepared = engine.prepare(image, tasks, keep_picture=keep_picture)
-            good_decoded.set()
-            return prepared
+    def prepare(image, tasks, *, keep_picture=True):  # 1x1: fails once the good one waits
+        if image.picture.size == (1, 1):
+            bad_decoding.set()
+            good_decoded.wait(30)
+            time.sleep(0.2)
+            raise RequestError(400, "invalid_image", "image 0: cannot be decoded")
+        bad_decoding.wait(30)  # so that the batch has the bad one to wait for
+        prepared = engine.prepare(image, tasks, keep_picture=keep_picture)
+        good_decoded.set()
+        return prepared
 
     settings = ServeSettings(max_wait_ms=3000, decode_threads=2)
     bad = image_bytes(0, size=(1, 1))
-    with TestClient(create_app(OneBad(), settings)) as client, ThreadPoolExecutor(2) as pool:
+    app = create_app(Decoding(engine, prepare), settings)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
         failing = pool.submit(upload, client, bad, task="digits")
         started = time.monotonic()
         good = upload(client, image_bytes(1), task="digits")
         waited = time.monotonic() - started
     assert good.status_code == 200 and failing.result().status_code == 400
     assert waited < 1.5, f"the good request waited {waited:.1f} s"
+
+
+def test_a_request_slow_to_decode_holds_only_the_batches_gathered_in_its_first_max_wait(engine):
+    """One upload takes 1.5 s to decode; meanwhile another client sends 5 requests one after
+    the other. Batches wait up to --max-wait-ms (200 ms here) for a request being decoded, but
+    only in its first 200 ms: after that, the other client's requests do not wait for it."""
+    slow_started = threading.Event()
+
+    def prepare(image, tasks, *, keep_picture=True):  # 1x1 images take 1.5 s to decode
+        if image.picture.size == (1, 1):
+            slow_started.set()
+            time.sleep(1.5)
+        return engine.prepare(image, tasks, keep_picture=keep_picture)
+
+    settings = ServeSettings(max_wait_ms=200, decode_threads=2)
+    slow = image_bytes(0, size=(1, 1))
+    app = create_app(Decoding(engine, prepare), settings)
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        upload(client, image_bytes(1), task="digits")  # warm
+        slowly = pool.submit(upload, client, slow, task="digits")
+        assert slow_started.wait(30)
+        started = time.monotonic()
+        quick = [upload(client, image_bytes(seed), task="digits") for seed in range(2, 7)]
+        took = time.monotonic() - started
+        assert slowly.result().status_code == 200
+    assert all(answer.status_code == 200 for answer in quick)
+    assert took < 0.8, f"5 requests took {took:.2f} s (5 x 200 ms of waiting: 1 s)"
 
 
 def test_large_json_bodies_are_parsed_no_more_at_once_than_decode_threads(engine, monkeypatch):

@@ -122,14 +122,15 @@ def create_app(
     settings = settings or ServeSettings()
     metrics = metrics or Metrics()
     batcher: DynamicBatcher | None = None
-    arriving = _Counter()  # predictions (images x tasks) being decoded, not yet submitted
     decoding = CapacityLimiter(settings.decode_threads or available_cores())
+    device = str(getattr(engine, "device", "cpu"))
+    wait_ms = settings.batch_wait_ms(device=device, on_ray=submit is not None)
+    arriving = _Arriving(fresh_s=wait_ms / 1000)  # requests being decoded, not yet submitted
     if submit is None:
-        device = str(getattr(engine, "device", "cpu"))
         batcher = DynamicBatcher(
             _positional(engine),
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.batch_wait_ms(device=device),
+            max_wait_ms=wait_ms,
             on_batch=metrics.record_batch,
             pending=arriving.value,
             wait_from=_least_batch_worth_waiting(engine, device),
@@ -180,7 +181,7 @@ def _add_routes(
     metrics: Metrics,
     submit: Submit,
     batcher: DynamicBatcher | None,
-    arriving: _Counter,
+    arriving: _Arriving,
     decoding: CapacityLimiter,
 ) -> None:
     known = set(engine.tasks)
@@ -266,25 +267,30 @@ async def _read_checked(
     return data
 
 
-class _Counter:
-    """How many predictions are inside `with counter.holding(n):` (one event loop: no lock
-    needed); `on_leave()` is called as each request leaves (the batcher re-checks whom it waits
-    for)."""
+class _Arriving:
+    """The predictions (images x tasks) of requests being decoded, which a batch may wait for
+    (one event loop: no lock needed). A request counts for its first `fresh_s` seconds: one slow
+    to decode (a 20 MP photo takes 180 ms) then holds the batches gathered meanwhile, not every
+    batch until it is done. `on_leave()` is called as each request leaves (the batcher re-checks
+    whom it waits for)."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, fresh_s: float) -> None:
+        self.fresh_s = fresh_s
         self.on_leave: Callable[[], None] | None = None
+        self._holders: dict[object, tuple[int, float]] = {}  # -> (predictions, since)
 
     def value(self) -> int:
-        return self.count
+        since = time.monotonic() - self.fresh_s
+        return sum(count for count, began in self._holders.values() if began >= since)
 
     @contextmanager
     def holding(self, count: int) -> Iterator[None]:
-        self.count += count
+        key = object()
+        self._holders[key] = (count, time.monotonic())
         try:
             yield
         finally:
-            self.count -= count
+            del self._holders[key]
             if self.on_leave is not None:
                 self.on_leave()
 
