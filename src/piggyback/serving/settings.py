@@ -22,7 +22,7 @@ API_KEY_ENV = "PIGGYBACK_API_KEY"
 #: then settle at half size. Measured (`benchmarks/serve_load.py`, 4 Lite0 tasks, 2 cores,
 #: 32 clients, --max-batch-size 32; benchmarks/results/serve-cpu-wait5 and serve-cpu): 5 ms:
 #: batches split about 26 + 6, 122-137 requests/s, p50 237 ms; 50 ms: batches of 30-32 (and a
-#: few of 1-2), 163-179 requests/s, p50 180-199 ms. In ad-hoc runs 100 or 200 ms: no better.
+#: few of 1), 158-175 requests/s, p50 188-192 ms. In ad-hoc runs 100 or 200 ms: no better.
 CPU_MAX_WAIT_MS = 50.0
 
 #: --max-wait-ms unless told on Ray Serve, whose batching knows nothing of requests on their way
