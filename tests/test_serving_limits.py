@@ -191,6 +191,29 @@ def test_a_request_slow_to_decode_holds_only_the_batches_gathered_in_its_first_m
     assert took < 0.8, f"5 requests took {took:.2f} s (5 x 200 ms of waiting: 1 s)"
 
 
+def test_a_client_that_leaves_while_its_image_decodes_costs_no_forward_pass(engine):
+    decoding = threading.Event()
+
+    def prepare(image, tasks, *, keep_picture=True):  # slow enough for the client to leave
+        decoding.set()
+        time.sleep(0.5)
+        return engine.prepare(image, tasks, keep_picture=keep_picture)
+
+    app = create_app(Decoding(engine, prepare), ServeSettings(max_wait_ms=1))
+    with running_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        files = {"image": ("x.png", image_bytes(1), "image/png")}
+        request = httpx.Request("POST", url + "/v1/predict", files=files, data={"task": "digits"})
+        headers = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+        raw = f"POST /v1/predict HTTP/1.1\r\n{headers}\r\n".encode() + request.read()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(raw)
+            assert decoding.wait(30)
+        time.sleep(1.0)  # its decoding ends; the server finds the client gone
+        metrics = httpx.get(url + "/metrics").json()
+    assert metrics["batches"]["count"] == 0 and metrics["predictions"] == 0, metrics
+
+
 def test_large_json_bodies_are_parsed_no_more_at_once_than_decode_threads(engine, monkeypatch):
     from piggyback.serving import inputs
 

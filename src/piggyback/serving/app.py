@@ -228,6 +228,8 @@ def _add_routes(
         # a stalled upload made every batch wait --max-wait-ms.
         with arriving.holding(len(data.images) * len(data.tasks)):
             images = await decoded_images(data, engine, settings.max_image_pixels, decoding)
+        if await request.is_disconnected():  # a client that gave up (a timeout): no batch work
+            raise RequestError(400, "client_disconnected", "the client left before its answer")
         pairs = [(i, task) for i in range(len(images)) for task in data.tasks]
         answers = await submit([images[i] for i, _ in pairs], [t for _, t in pairs], data.top_k)
         results = [
