@@ -298,16 +298,15 @@ class _Arriving:
 
 
 def _least_batch_worth_waiting(engine: Engine, device: str) -> int:
-    """How many images a batch must reach, with the requests being decoded, for waiting for
-    them to pay. On CPU, a batch below `ThreadsPerBatch.large_from` runs on fewer threads than
-    there are cores and leaves one to the decoding threads: running it at once overlaps with
-    their work, and waiting only adds latency (measured, 3 clients sending 2000x1500 JPEGs:
-    p50 96-98 ms waiting, 83-86 not; a 20 MP upload being decoded held 3 small clients' batches
-    for the whole wait: 94-116 ms against 52). A batch from that size takes every core, and
-    starting it while others decode gains nothing (see settings.CPU_MAX_WAIT_MS)."""
-    if not device.startswith("cpu") or getattr(engine, "large", 1) <= getattr(engine, "small", 1):
-        return 1
-    return getattr(engine, "large_from", 1)
+    """How many images a batch must reach, with the requests being decoded, for waiting for them
+    to pay. On CPU, a batch below `engine.every_core_from` (ThreadsPerBatch: 8 images when
+    larger batches get more threads) runs on fewer threads than there are cores and leaves one
+    to the decoding threads: running it at once overlaps with their work, and waiting only adds
+    latency (measured, 3 clients sending 2000x1500 JPEGs: p50 96-98 ms waiting, 83-86 not; a 20
+    MP upload being decoded held 3 small clients' batches for the whole wait: 94-116 ms against
+    52). A batch from that size takes every core, and starting it while others decode gains
+    nothing (see settings.CPU_MAX_WAIT_MS)."""
+    return getattr(engine, "every_core_from", 1) if device.startswith("cpu") else 1
 
 
 def _task_info(description: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,11 @@ class ThreadsPerBatch:
     def device(self) -> Any:
         return getattr(self.engine, "device", "cpu")
 
+    @property
+    def every_core_from(self) -> int:
+        """The least batch that runs on every core (1: they all do)."""
+        return self.large_from if self.large > self.small else 1
+
     def task_description(self, name: str) -> dict[str, Any]:
         return self.engine.task_description(name)
 
@@ -122,13 +127,12 @@ def serve(
     (`batch_invariant`: see `Predictor`; `threads`, `batch_threads`: see the module's doc)."""
     import uvicorn
 
+    from piggyback.device import resolve_device
     from piggyback.model_dir import read_model_config
     from piggyback.predictor import Predictor
 
     if batch_threads is not None and batch_threads < 1:
         raise ValueError(f"--batch-threads must be >= 1, got {batch_threads}")
-    from piggyback.device import resolve_device
-
     device = str(resolve_device(device))  # "auto": said as where it runs
     count = configure_process(threads)
     read_model_config(Path(model_dir))  # a wrong directory is named before the port is bound
